@@ -1,0 +1,28 @@
+"""The `cxrfast` command line. Subcommands live next to the code they drive and import
+their heavy dependencies inside the command functions, so `cxrfast shard` never loads torch."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from cxrfast.bench.cli import bench_cmd
+from cxrfast.shards.cli import inspect_cmd, shard_app
+from cxrfast.synth.cli import synth_app
+
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False)
+app.add_typer(synth_app, name="synth")
+app.add_typer(shard_app, name="shard")
+app.command("inspect")(inspect_cmd)
+app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench_cmd)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    """cxrfast: shard chest X-ray datasets, load them with DALI, pre-train with DeepSpeed."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,154 @@
+"""The shard format contract (DESIGN.md, "Shard format"), declared once.
+
+The writer (`cxrfast.shards`), the DALI reader and the DataLoader reference
+(`cxrfast.pipelines`) and `cxrfast inspect` all read these declarations; nothing else
+spells a member name, a dtype or the label order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SHARD_FORMAT_VERSION = 1
+
+#: CheXpert's 14 observations in CheXpert's order (the order of `KEY.labels.i8`).
+LABEL_NAMES: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+NUM_LABELS = len(LABEL_NAMES)
+
+#: Raw label codes stored in `labels.i8`.
+POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED = 1, 0, -1, -2
+
+SPLITS: tuple[str, ...] = ("train", "validate", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of a sample: `KEY.{ext}` holding `dtype` values (None = opaque bytes)."""
+
+    ext: str
+    dtype: np.dtype | None
+    required: bool
+    doc: str
+
+
+MEMBERS: tuple[Member, ...] = (
+    Member("jpg", None, True, "8-bit single-channel JPEG, long side <= max_size"),
+    Member("labels.i8", np.dtype("<i1"), True, "14 int8 label codes in LABEL_NAMES order"),
+    Member("ids.i32", np.dtype("<i4"), False, "report token ids incl. [CLS]/[SEP], no padding"),
+    Member("txt", None, False, "report text the ids were made from (UTF-8)"),
+    Member("json", None, True, "sample metadata (UTF-8 JSON), see METADATA_FIELDS"),
+)
+MEMBER_BY_EXT: dict[str, Member] = {m.ext: m for m in MEMBERS}
+REQUIRED_EXTS: tuple[str, ...] = tuple(m.ext for m in MEMBERS if m.required)
+
+#: Keys of `KEY.json`.
+METADATA_FIELDS: tuple[str, ...] = (
+    "dataset",  # "mimic" | "chexpert"
+    "subject_id",  # MIMIC subject_id / CheXpert patient id, as a string
+    "study_id",
+    "image_id",  # MIMIC dicom_id / CheXpert "view1_frontal"
+    "view",  # PA, AP, LATERAL, LL, ... ("" when unknown)
+    "split",
+    "sex",  # "" when unknown
+    "age",  # int or None
+    "orig_width",
+    "orig_height",
+    "source_path",  # path relative to the dataset root
+    "report_sections",  # {section name: text}; {} when there is no report
+)
+
+#: Fixed tar member mtime, so that a rebuild is byte-identical.
+TAR_MTIME = 0.0
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def tar_name(split: str, index: int) -> str:
+    """`train-000003.tar`"""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return f"{split}-{index:06d}.tar"
+
+
+def idx_name(tar: str) -> str:
+    """The DALI index file next to a tar: `train-000003.idx`."""
+    if not tar.endswith(".tar"):
+        raise ValueError(f"not a tar name: {tar!r}")
+    return tar[: -len(".tar")] + ".idx"
+
+
+def check_key(key: str) -> str:
+    """Keys are the text before the first dot of a member name: no dots, no slashes."""
+    if not _KEY_RE.match(key):
+        raise ValueError(f"invalid sample key {key!r}: only letters, digits, '_' and '-' are allowed")
+    return key
+
+
+def chexpert_key(path: str) -> str:
+    """`CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg` -> `patient00001_study1_view1_frontal`."""
+    parts = path.replace("\\", "/").split("/")
+    if len(parts) < 3 or not parts[-1].endswith(".jpg"):
+        raise ValueError(f"unexpected CheXpert Path {path!r}: expected .../patientN/studyM/viewK_frontal.jpg")
+    patient, study, view = parts[-3], parts[-2], parts[-1][: -len(".jpg")]
+    return check_key(f"{patient}_{study}_{view}")
+
+
+def labels_to_bytes(values: np.ndarray) -> bytes:
+    """14 label codes -> the `labels.i8` payload."""
+    arr = np.asarray(values)
+    if arr.shape != (NUM_LABELS,):
+        raise ValueError(f"expected {NUM_LABELS} labels, got shape {arr.shape}")
+    if not np.isin(arr, (POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED)).all():
+        raise ValueError(f"label codes must be in {{1, 0, -1, -2}}, got {arr.tolist()}")
+    return arr.astype(MEMBER_BY_EXT["labels.i8"].dtype).tobytes()
+
+
+def ids_to_bytes(ids: np.ndarray | list[int]) -> bytes:
+    """Token ids -> the `ids.i32` payload (little-endian int32)."""
+    return np.asarray(ids, dtype=MEMBER_BY_EXT["ids.i32"].dtype).tobytes()
+
+
+def decode_member(ext: str, payload: bytes) -> np.ndarray | bytes:
+    """Inverse of the writers above for typed members; opaque members come back as bytes."""
+    dtype = MEMBER_BY_EXT[ext].dtype
+    return payload if dtype is None else np.frombuffer(payload, dtype=dtype)
+
+
+# --- manifest.json ---------------------------------------------------------------------
+#: Top-level keys of manifest.json. "splits" maps split -> list of
+#: {"tar": name, "idx": name, "samples": int, "bytes": int, "sha256": hex};
+#: "tokenizer" is {"file": "tokenizer.json", "vocab_size": int, "special_ids": {"pad","unk","cls","sep","mask"}};
+#: "skipped" maps reason -> count; "pixel_stats" is {"mean": float, "std": float} on the 0..1 scale.
+MANIFEST_FIELDS: tuple[str, ...] = (
+    "format_version",
+    "dataset",
+    "cxrfast_version",
+    "created_with",  # the creation parameters (CLI options) as a dict
+    "label_names",
+    "splits",
+    "counts",  # {"rows_in": int, "samples_out": int, "skipped": int, "without_report": int}
+    "skipped",
+    "tokenizer",
+    "pixel_stats",
+)
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SKIPPED = "skipped.jsonl"

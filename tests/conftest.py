@@ -1,0 +1,62 @@
+"""Shared fixtures: one small synthetic MIMIC / CheXpert dataset and their shards per test session.
+
+Sizes are small so the suite runs on 2 CPU cores; the layouts and formats are the published ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small but realistic enough: sources well above --max-size so reduced decoding is exercised.
+MIMIC_STUDIES = 24
+MIMIC_SIZE_RANGE = (700, 1000)
+CHEXPERT_PATIENTS = 16
+
+
+@pytest.fixture(scope="session")
+def mimic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic MIMIC-CXR-JPG tree (+ mimic-cxr-reports.zip) in the published layout."""
+    from cxrfast.synth import make_mimic
+
+    out = tmp_path_factory.mktemp("mimic_raw")
+    make_mimic(out, studies=MIMIC_STUDIES, seed=0, size_range=MIMIC_SIZE_RANGE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chexpert_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder holding a synthetic `CheXpert-v1.0-small/`."""
+    from cxrfast.synth import make_chexpert
+
+    out = tmp_path_factory.mktemp("chexpert_raw")
+    make_chexpert(out, patients=CHEXPERT_PATIENTS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mimic_shards(mimic_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cxrfast shard mimic` output over `mimic_raw`: max-size 512, 8 samples per tar, 2 workers."""
+    from cxrfast.shards.build import shard_mimic
+
+    out = tmp_path_factory.mktemp("mimic_shards") / "mimic"
+    shard_mimic(
+        root=mimic_raw,
+        reports=mimic_raw / "mimic-cxr-reports.zip",
+        out=out,
+        samples_per_tar=8,
+        workers=2,
+        vocab_size=2000,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def chexpert_shards(chexpert_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cxrfast shard chexpert` output (no reports: samples carry no ids/txt)."""
+    from cxrfast.shards.build import shard_chexpert
+
+    out = tmp_path_factory.mktemp("chexpert_shards") / "chexpert"
+    shard_chexpert(root=chexpert_raw / "CheXpert-v1.0-small", out=out, samples_per_tar=8, workers=2)
+    return out
