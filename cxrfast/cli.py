@@ -11,7 +11,11 @@ from cxrfast.bench.cli import bench_cmd
 from cxrfast.shards.cli import inspect_cmd, shard_app
 from cxrfast.synth.cli import synth_app
 
-app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="cxrfast: shard chest X-ray datasets, load them with DALI, pre-train with DeepSpeed.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 app.add_typer(synth_app, name="synth")
 app.add_typer(shard_app, name="shard")
 app.command("inspect")(inspect_cmd)

@@ -5,9 +5,15 @@ Sizes are small so the suite runs on 2 CPU cores; the layouts and formats are th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Triton picks its CPU interpreter when it is first imported (timm, transformers and deepspeed import
+# it), so this must precede every test module; the cxrfast.kernels tests run their kernels under it.
+# Export TRITON_INTERPRET=0 on a GPU machine to test the compiled kernels on CUDA instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Small but realistic enough: sources well above --max-size so reduced decoding is exercised.
 MIMIC_STUDIES = 24

@@ -1,0 +1,112 @@
+"""Export a pre-trained encoder as `encoder.safetensors` under timm's ViT parameter names.
+
+The file loads strictly into timm's `VisionTransformer` with `num_classes=0`:
+
+    timm.create_model("vit_base_patch16_224", in_chans=1, num_classes=0, pretrained=True,
+                      pretrained_cfg_overlay=dict(file="encoder.safetensors"))
+
+(timm relaxes `strict` itself when `num_classes` differs from the pretrained config's; adding
+`num_classes=0` to the overlay, as `timm_overlay()` does, keeps timm's load strict.) The
+metadata records the architecture and the keyword arguments that rebuild it, so `load_encoder`
+also restores the small test configs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import cxrfast
+from cxrfast.models.base import PretrainModel
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+def _unwrap(model: nn.Module) -> PretrainModel:
+    """The PretrainModel inside a DeepSpeed engine / DDP wrapper (`.module`), or the model itself."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, PretrainModel):
+        raise TypeError(f"export needs a cxrfast PretrainModel (or a wrapper of one), got {type(inner).__name__}")
+    return inner
+
+
+def export_encoder(model: nn.Module, path: str | Path) -> Path:
+    """Write the encoder of `model` to `path` (a `.safetensors` file, or a folder that gets
+    `encoder.safetensors`) through a temp name + rename; returns the file written.
+
+    Metadata (all strings): arch (timm name), timm_kwargs (JSON), in_chans, img_size, source, cxrfast_version.
+    """
+    from safetensors.torch import save_file
+
+    inner = _unwrap(model)
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        if path.suffix:
+            raise ValueError(f"{path}: expected a .safetensors file name or a folder")
+        path = path / ENCODER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = inner.encoder_state_dict_timm()
+    kwargs = inner.timm_kwargs
+    metadata = {
+        "format": "pt",
+        "arch": inner.timm_name,
+        "timm_kwargs": json.dumps(kwargs, sort_keys=True),
+        "in_chans": str(kwargs["in_chans"]),
+        "img_size": str(kwargs["img_size"]),
+        "source": type(inner).__name__,
+        "cxrfast_version": cxrfast.__version__,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    n_params = sum(t.numel() for t in tensors.values())
+    log.info("exported %s encoder (%s, %.1fM values) to %s", type(inner).__name__, inner.timm_name, n_params / 1e6, path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The export metadata of `path`: arch, timm_kwargs (dict), in_chans, img_size, ..."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "arch" not in meta or "timm_kwargs" not in meta:
+        raise ValueError(f"{path}: not a cxrfast encoder export (metadata lacks 'arch'/'timm_kwargs': {sorted(meta)})")
+    meta["timm_kwargs"] = json.loads(meta["timm_kwargs"])
+    return meta
+
+
+def timm_overlay(path: str | Path) -> dict[str, Any]:
+    """`pretrained_cfg_overlay` for `timm.create_model(arch, pretrained=True, **timm_kwargs, ...)`
+    that keeps timm's load strict (file + num_classes=0 + the file's input channels)."""
+    meta = read_metadata(path)
+    kw = meta["timm_kwargs"]
+    return dict(file=str(path), num_classes=0, input_size=(kw["in_chans"], kw["img_size"], kw["img_size"]))
+
+
+def load_encoder(path: str | Path, **overrides: Any) -> nn.Module:
+    """A timm VisionTransformer (no head, eval mode) rebuilt from the file's metadata and loaded
+    with `strict=True`; `overrides` go to `timm.create_model` (e.g. drop_path_rate, num_classes)."""
+    import timm
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    model = timm.create_model(meta["arch"], pretrained=False, **{**meta["timm_kwargs"], **overrides})
+    state = load_file(str(path))
+    if overrides.get("num_classes"):
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"head.weight", "head.bias"}:
+            raise RuntimeError(f"{path}: missing {missing}, unexpected {unexpected} for {meta['arch']}")
+    else:
+        model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,101 @@
+"""The DALI pipeline of each recipe: reader -> decode (+crop) -> recipe augmentations -> outputs.
+
+One `@pipeline_def` for all recipes; the recipe's static Python `if`s pick the steps when the
+graph is built. The same graph runs on the GPU (`mixed` nvJPEG decode, GPU ops) and in DALI's
+CPU-only mode (`device_id=None`, cpu ops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvidia.dali import fn, pipeline_def
+from nvidia.dali.data_node import DataNode
+
+from cxrfast.pipelines import augment as A
+from cxrfast.pipelines.manifest import ShardSplit
+from cxrfast.pipelines.reader import read_shards
+from cxrfast.pipelines.recipes import Recipe, presize
+from cxrfast.pipelines.text import pad_truncate
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GraphConfig:
+    """Everything the graph needs besides the DALI pipeline arguments."""
+
+    recipe: Recipe
+    split: ShardSplit
+    device: str  # "gpu" | "cpu"
+    rank: int
+    world_size: int
+    shuffle: bool
+    seed: int
+    mean: float
+    std: float
+    dtype: str  # "float32" | "float16"
+    channels: int
+    image_size: int
+    text_len: int | None
+    with_keys: bool
+
+
+def output_names(cfg: GraphConfig) -> list[str]:
+    """Names of the pipeline outputs, in order (the iterator's output_map)."""
+    names = list(cfg.recipe.sizes(cfg.image_size)) + ["labels"]
+    if cfg.text_len is not None:
+        names += ["ids", "attention_mask"]
+    if cfg.with_keys:
+        names.append("key")
+    return names
+
+
+def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
+    r, size, dev = cfg.recipe, cfg.image_size, cfg.device
+    norm = {"mean": cfg.mean, "std": cfg.std, "dtype": cfg.dtype}
+    out: dict[str, DataNode] = {}
+    if r.scale is not None:  # RandomResizedCrop (MAE, MRM): decode only the crop window
+        crop = A.decode_random_crop(jpg, dev, r.scale, r.ratio)
+        mirror = A.coin() if r.flip else 0
+        out["image"] = A.normalize(A.resize_square(crop, size), mirror=mirror, **norm)
+        if r.target_factor:  # MRM: the same crop and flip, at the target size
+            out["target"] = A.normalize(A.resize_square(crop, size * r.target_factor), mirror=mirror, **norm)
+    elif r.two_views:  # MoCo: one decode, two independently augmented views
+        base = A.resize_shorter(A.decode(jpg, dev), size)
+        for name in ("image", "image2"):
+            view = A.rotate(base, r.rotate) if r.rotate else base
+            mirror = A.coin() if r.flip else 0
+            out[name] = A.normalize(view, crop=size, random_crop=True, mirror=mirror, **norm)
+    elif r.name == "mgca":  # long side 256, zero pad to 256x256, random crop 224
+        canvas = presize(size)
+        img = A.pad_square(A.resize_longer(A.decode(jpg, dev), canvas), canvas)
+        out["image"] = A.normalize(img, crop=size, random_crop=True, **norm)
+    elif r.name == "eval":  # resize short side to 256, center crop 224
+        img = A.resize_shorter(A.decode(jpg, dev), presize(size))
+        out["image"] = A.normalize(img, crop=size, random_crop=False, **norm)
+    else:
+        raise ValueError(f"recipe {r.name!r} has no DALI graph")
+    return {k: A.replicate_channels(v, cfg.channels) for k, v in out.items()}
+
+
+@pipeline_def(enable_conditionals=False)
+def cxr_pipeline(cfg: GraphConfig):
+    """Outputs in `output_names(cfg)` order."""
+    data = read_shards(
+        cfg.split,
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        with_text=cfg.text_len is not None,
+    )
+    images = _augment(data["jpg"], cfg)
+    on_gpu = cfg.device == "gpu"
+    outs = list(images.values())
+    outs.append(data["labels"].gpu() if on_gpu else data["labels"])
+    if cfg.text_len is not None:
+        special = cfg.split.special_ids
+        ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special["sep"])
+        outs += [ids.gpu(), mask.gpu()] if on_gpu else [ids, mask]
+    if cfg.with_keys:  # "tar:offset:KEY.jpg" as zero-padded bytes, decoded on the host
+        outs.append(fn.pad(fn.get_property(data["jpg"], key="source_info"), axes=[0], fill_value=0))
+    return tuple(outs)

@@ -1,0 +1,148 @@
+"""`build_loader`: one entry point for the three interchangeable backends (dali, torch, synthetic)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from cxrfast.pipelines.manifest import open_split, read_manifest
+from cxrfast.pipelines.recipes import get_recipe
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("dali", "torch", "synthetic")
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float32"}  # DALI output dtype
+
+
+class Loader(Protocol):
+    """One epoch per `iter()`; `len()` = batches per epoch on this rank."""
+
+    epoch_samples: int
+
+    def __iter__(self): ...
+
+    def __len__(self) -> int: ...
+
+
+def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the arguments, else RANK / WORLD_SIZE / LOCAL_RANK (as the
+    deepspeed and torchrun launchers set them), else (0, 1, 0)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+    return rank, world_size, local_rank
+
+
+def rank_share(samples: int, rank: int, world_size: int) -> int:
+    """Samples of part `rank` when `samples` are cut into `world_size` contiguous parts (DALI's rule)."""
+    return (rank + 1) * samples // world_size - rank * samples // world_size
+
+
+def build_loader(
+    shards: Path,
+    split: str,
+    recipe: str,
+    *,
+    batch_size: int,
+    backend: str = "dali",
+    device: str | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle: bool = True,
+    num_threads: int = 4,
+    dtype: torch.dtype = torch.float32,
+    channels: int = 1,
+    mean: float | None = None,
+    std: float | None = None,
+    text_len: int | None = None,
+    image_size: int | None = None,
+    with_keys: bool = False,
+    drop_last: bool = False,
+) -> Loader:
+    """Batches of `split` of the shard folder `shards`, augmented by `recipe`, as dicts of tensors.
+
+    backend: "dali" (GPU `mixed` decode, or DALI CPU-only mode), "torch" (DataLoader + webdataset +
+    PIL/torchvision, the reference), "synthetic" (random tensors of the same shapes).
+    device: "gpu" | "cpu" (default "gpu" when CUDA is available). num_threads: DALI CPU threads,
+    or DataLoader workers for the torch backend. drop_last: full batches only (else the last
+    batch of an epoch is partial and every sample is seen exactly once per epoch across ranks).
+    """
+    r = get_recipe(recipe)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if device is None:
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if text_len is not None and not r.needs_text:
+        raise ValueError(f"recipe {recipe!r} has no text outputs; text_len={text_len} does not apply")
+    text_len = (text_len or r.text_len) if r.needs_text else None
+    image_size = image_size or r.image_size
+    rank, world_size, local_rank = dist_env(rank, world_size)
+    torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
+
+    if backend == "synthetic":
+        from cxrfast.pipelines.synthetic import SyntheticLoader
+
+        manifest = read_manifest(Path(shards))
+        if split not in manifest["splits"]:
+            raise ValueError(f"{Path(shards) / 'manifest.json'}: no split {split!r}")
+        total = sum(int(e["samples"]) for e in manifest["splits"][split])
+        tok = manifest.get("tokenizer")
+        if r.needs_text and tok is None:
+            raise ValueError(f"{Path(shards) / 'manifest.json'}: recipe {recipe!r} needs report token ids; these shards have none")
+        return SyntheticLoader(
+            r,
+            samples=rank_share(total, rank, world_size),
+            batch_size=batch_size,
+            device=torch_device,
+            dtype=dtype,
+            channels=channels,
+            image_size=image_size,
+            text_len=text_len,
+            vocab_size=None if tok is None else int(tok["vocab_size"]),
+            special_ids=None if tok is None else {k: int(v) for k, v in tok["special_ids"].items()},
+            seed=seed + rank,
+            with_keys=with_keys,
+            drop_last=drop_last,
+        )
+
+    sp = open_split(Path(shards), split, needs_text=r.needs_text, recipe=recipe)
+    if mean is None or std is None:
+        m, s = sp.pixel_stats
+        mean, std = (m if mean is None else mean), (s if std is None else std)
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    common = dict(
+        recipe=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, mean=mean, std=std,
+        channels=channels, image_size=image_size, text_len=text_len, with_keys=with_keys,
+    )
+    if backend == "torch":
+        from cxrfast.pipelines.torch_loader import TorchConfig, TorchLoader
+
+        return TorchLoader(
+            TorchConfig(**common), batch_size=batch_size, num_workers=num_threads, device=torch_device,
+            dtype=dtype, drop_last=drop_last,
+        )
+    from cxrfast.pipelines.dali_graph import GraphConfig
+    from cxrfast.pipelines.dali_loader import DaliLoader
+
+    cfg = GraphConfig(device=device, dtype=_DTYPES[dtype], **common)
+    log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", recipe, device, rank, world_size, sp.samples)
+    return DaliLoader(
+        cfg, batch_size=batch_size, num_threads=num_threads, device_id=local_rank if device == "gpu" else None,
+        out_dtype=dtype, drop_last=drop_last,
+    )

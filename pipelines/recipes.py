@@ -1,0 +1,97 @@
+"""The data recipes of the published systems (DESIGN.md's table), as plain data shared by every
+backend: the DALI graph (`dali_graph.py`), the DataLoader reference (`torch_loader.py`) and the
+synthetic backend read the same numbers from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    """One augmentation recipe; sizes are defaults that `build_loader(image_size=, text_len=)` override."""
+
+    name: str
+    #: what the recipe does, for --help and logs
+    doc: str
+    #: default output side of `image` (square)
+    image_size: int
+    #: default token length of `ids` / `attention_mask`; None = no text outputs
+    text_len: int | None = None
+    #: RandomResizedCrop area range (fraction of the image); None = no random-resized crop
+    scale: tuple[float, float] | None = None
+    #: RandomResizedCrop aspect-ratio range (torchvision's default)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    #: random horizontal flip with p = 0.5
+    flip: bool = False
+    #: random rotation range in degrees (uniform in [-rotate, rotate]); 0 = none
+    rotate: float = 0.0
+    #: emit `target` at target_factor * image_size from the same crop (MRM)
+    target_factor: int | None = None
+    #: emit `image2`, a second independently augmented view of the same decode (MoCo)
+    two_views: bool = False
+
+    @property
+    def needs_text(self) -> bool:
+        return self.text_len is not None
+
+    def sizes(self, image_size: int | None = None) -> dict[str, int]:
+        """Output side per image output, e.g. {"image": 224, "target": 448}."""
+        size = image_size or self.image_size
+        out = {"image": size}
+        if self.target_factor:
+            out["target"] = size * self.target_factor
+        if self.two_views:
+            out["image2"] = size
+        return out
+
+
+def presize(size: int) -> int:
+    """The 256-for-224 rule: side before a 224 crop (MGCA's canvas, the eval resize)."""
+    return round(size * 256 / 224)
+
+
+RECIPES: dict[str, Recipe] = {
+    "mae": Recipe(
+        name="mae",
+        doc="MAE-CXR: RandomResizedCrop 224, scale (0.5, 1.0), horizontal flip",
+        image_size=224,
+        scale=(0.5, 1.0),
+        flip=True,
+    ),
+    "mrm": Recipe(
+        name="mrm",
+        doc="MRM: RandomResizedCrop 448, scale (0.2, 1.0), flip; encoder input = the crop at 224, "
+        "target = the crop at 448; report ids padded/truncated to 100",
+        image_size=224,
+        text_len=100,
+        scale=(0.2, 1.0),
+        flip=True,
+        target_factor=2,
+    ),
+    "mgca": Recipe(
+        name="mgca",
+        doc="MGCA: long side 256, zero pad to 256x256, random crop 224, no flip; ids to 112",
+        image_size=224,
+        text_len=112,
+    ),
+    "moco": Recipe(
+        name="moco",
+        doc="MoCo-CXR: short side 320, two views each with flip, rotation +-10 deg, random crop 320",
+        image_size=320,
+        flip=True,
+        rotate=10.0,
+        two_views=True,
+    ),
+    "eval": Recipe(
+        name="eval",
+        doc="evaluation: resize short side to 256 (for 224), center crop 224, no randomness",
+        image_size=224,
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]

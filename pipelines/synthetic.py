@@ -1,0 +1,73 @@
+"""The synthetic backend: batches of random tensors with the recipe's shapes and dtypes, made once
+on the device and yielded `len()` times, so a training step can be timed without any data work."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from cxrfast.pipelines.recipes import Recipe
+from cxrfast.shards.schema import NUM_LABELS
+
+
+class SyntheticLoader:
+    """Same batch dict, len and epoch_samples as the real backends for the given sample count."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        samples: int,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels: int = 1,
+        image_size: int | None = None,
+        text_len: int | None = None,
+        vocab_size: int | None = None,
+        special_ids: dict[str, int] | None = None,
+        seed: int = 0,
+        with_keys: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        if samples < 1 or batch_size < 1:
+            raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+        if text_len is not None and (vocab_size is None or special_ids is None):
+            raise ValueError(f"recipe {recipe.name!r} has text: pass vocab_size and special_ids (or a manifest with a tokenizer)")
+        self.samples, self.batch_size, self.drop_last, self.with_keys = samples, batch_size, drop_last, with_keys
+        g = torch.Generator().manual_seed(seed)
+        b = batch_size
+        batch: dict[str, torch.Tensor] = {}
+        for name, side in recipe.sizes(image_size).items():
+            gray = torch.randn(b, 1, side, side, generator=g).to(dtype)
+            batch[name] = gray.expand(-1, channels, -1, -1).contiguous()  # replicated like the real backends
+        batch["labels"] = torch.randint(-2, 2, (b, NUM_LABELS), generator=g, dtype=torch.int8)
+        if text_len is not None:
+            assert special_ids is not None and vocab_size is not None
+            first = max(special_ids.values()) + 1
+            ids = torch.randint(first, vocab_size, (b, text_len), generator=g)
+            lengths = torch.randint(2, text_len + 1, (b,), generator=g)
+            pos = torch.arange(text_len)
+            mask = pos[None, :] < lengths[:, None]
+            ids[:, 0] = special_ids["cls"]
+            ids[torch.arange(b), lengths - 1] = special_ids["sep"]
+            ids[~mask] = special_ids["pad"]
+            batch["ids"], batch["attention_mask"] = ids, mask.long()
+        self._batch = {k: v.to(device) for k, v in batch.items()}
+
+    def __len__(self) -> int:
+        return self.samples // self.batch_size if self.drop_last else math.ceil(self.samples / self.batch_size)
+
+    @property
+    def epoch_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self.samples
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            n = min(self.batch_size, self.samples - i * self.batch_size)
+            batch: dict = {k: v[:n] for k, v in self._batch.items()}
+            if self.with_keys:
+                batch["key"] = [f"synthetic-{i * self.batch_size + j}" for j in range(n)]
+            yield batch

@@ -1,0 +1,212 @@
+"""The reference backend: a plain `torch.utils.data.DataLoader` over the same tars, decoding with
+PIL and augmenting with torchvision transforms in worker processes, the way the published code
+loads data. It yields the same batch dict as the DALI backend; it is the correctness reference
+and the benchmark baseline.
+
+Splitting: tars are dealt to ranks (`tars[rank::world_size]`) and then to workers, so every
+sample is read once per epoch across ranks and workers; ranks may see different sample counts.
+Randomness: the tar order, the shuffle buffer and the transforms are seeded from
+(seed, rank, epoch, worker), so the same seed gives the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cxrfast.pipelines.manifest import ShardSplit
+from cxrfast.pipelines.recipes import Recipe, presize
+from cxrfast.shards.schema import decode_member
+
+SHUFFLE_BUFFER = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class TorchConfig:
+    recipe: Recipe
+    split: ShardSplit
+    rank: int
+    world_size: int
+    shuffle: bool
+    seed: int
+    mean: float
+    std: float
+    channels: int
+    image_size: int
+    text_len: int | None
+    with_keys: bool
+
+
+def _to_tensor(mean: float, std: float) -> T.Compose:
+    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([mean], [std])])
+
+
+def build_transform(cfg: TorchConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
+    """PIL grayscale image -> {"image": [1,S,S], ...} per the recipe (torchvision transforms)."""
+    r, size = cfg.recipe, cfg.image_size
+    tensor = _to_tensor(cfg.mean, cfg.std)
+    if r.scale is not None and r.target_factor:  # MRM: one crop window, emitted at two sizes
+        target = size * r.target_factor
+
+        def mrm(img: Image.Image) -> dict[str, torch.Tensor]:
+            i, j, h, w = T.RandomResizedCrop.get_params(img, list(r.scale), list(r.ratio))
+            big = TF.resized_crop(img, i, j, h, w, [target, target], antialias=True)
+            small = TF.resized_crop(img, i, j, h, w, [size, size], antialias=True)
+            if r.flip and torch.rand(1).item() < 0.5:
+                big, small = TF.horizontal_flip(big), TF.horizontal_flip(small)
+            return {"image": tensor(small), "target": tensor(big)}
+
+        return mrm
+    if r.scale is not None:  # MAE
+        steps = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio, antialias=True)]
+        steps += [T.RandomHorizontalFlip()] if r.flip else []
+        mae = T.Compose([*steps, tensor])
+        return lambda img: {"image": mae(img)}
+    if r.two_views:  # MoCo: one decode + resize, two independent views
+        base = T.Resize(size, antialias=True)
+        steps = [T.RandomHorizontalFlip()] if r.flip else []
+        steps += [T.RandomRotation(r.rotate)] if r.rotate else []
+        view = T.Compose([*steps, T.RandomCrop(size), tensor])
+
+        def moco(img: Image.Image) -> dict[str, torch.Tensor]:
+            img = base(img)
+            return {"image": view(img), "image2": view(img)}
+
+        return moco
+    if r.name == "mgca":  # long side 256, zero pad (CenterCrop pads), random crop 224
+        canvas = presize(size)
+        mgca = T.Compose([T.Resize(None, max_size=canvas, antialias=True), T.CenterCrop(canvas), T.RandomCrop(size), tensor])
+        return lambda img: {"image": mgca(img)}
+    if r.name == "eval":
+        ev = T.Compose([T.Resize(presize(size), antialias=True), T.CenterCrop(size), tensor])
+        return lambda img: {"image": ev(img)}
+    raise ValueError(f"recipe {r.name!r} has no torchvision transform")
+
+
+def pad_truncate_ids(ids: np.ndarray, *, length: int, pad_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same rule as `text.pad_truncate`: pad with pad_id, or cut and put [SEP] last."""
+    out = np.full(length, pad_id, dtype=np.int64)
+    n = min(len(ids), length)
+    out[:n] = ids[:n]
+    if len(ids) > length:
+        out[-1] = sep_id
+    mask = np.zeros(length, dtype=np.int64)
+    mask[:n] = 1
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+class TarSamples(IterableDataset):
+    """This rank's tars, split over DataLoader workers, decoded and augmented sample by sample."""
+
+    def __init__(self, cfg: TorchConfig) -> None:
+        self.cfg = cfg
+        self.epoch = 0
+        self.transform = build_transform(cfg)
+        self.special = cfg.split.special_ids if cfg.text_len is not None else None
+
+    def rank_tars(self) -> list[str]:
+        tars = [str(p) for p in self.cfg.split.tars]
+        if self.cfg.shuffle:
+            random.Random(f"{self.cfg.seed}-{self.epoch}").shuffle(tars)  # same order on every rank
+        return tars[self.cfg.rank :: self.cfg.world_size]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        tars = self.rank_tars()[wid::nw]
+        stages = [wds.SimpleShardList(tars), wds.tarfile_to_samples()]
+        if self.cfg.shuffle:
+            rng = random.Random(f"{self.cfg.seed}-{self.cfg.rank}-{self.epoch}-{wid}")
+            stages.append(wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng))
+        for sample in wds.DataPipeline(*stages):
+            yield self.make(sample)
+
+    def make(self, sample: dict) -> dict:
+        img = Image.open(io.BytesIO(sample["jpg"])).convert("L")
+        out = self.transform(img)
+        if self.cfg.channels != 1:
+            out = {k: v.expand(self.cfg.channels, -1, -1).contiguous() for k, v in out.items()}
+        out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
+        if self.special is not None:
+            ids = decode_member("ids.i32", sample.get("ids.i32", b""))
+            out["ids"], out["attention_mask"] = pad_truncate_ids(
+                ids, length=self.cfg.text_len, pad_id=self.special["pad"], sep_id=self.special["sep"]
+            )
+        if self.cfg.with_keys:
+            out["key"] = sample["__key__"]
+        return out
+
+
+class TorchLoader:
+    """One epoch per `iter()`, batches on `device` in `dtype`."""
+
+    def __init__(
+        self,
+        cfg: TorchConfig,
+        *,
+        batch_size: int,
+        num_workers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        drop_last: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = TarSamples(cfg)
+        self.batch_size = batch_size
+        self.num_workers = max(1, num_workers)  # workers seed the transforms' RNG reproducibly
+        self.device = device
+        self.dtype = dtype
+        self.drop_last = drop_last
+        if len(cfg.split.tars) < cfg.world_size:
+            raise ValueError(
+                f"{cfg.split.root}: split {cfg.split.split!r} has {len(cfg.split.tars)} tars, fewer than "
+                f"world_size={cfg.world_size}; the torch backend deals whole tars to ranks"
+            )
+
+    def _worker_counts(self) -> list[int]:
+        """Samples per worker this epoch (whole tars per worker)."""
+        n = {str(t): c for t, c in zip(self.cfg.split.tars, self.cfg.split.samples_per_tar, strict=True)}
+        tars = self.dataset.rank_tars()
+        return [sum(n[t] for t in tars[w :: self.num_workers]) for w in range(self.num_workers)]
+
+    def __len__(self) -> int:
+        """Batches this epoch: each worker forms its own batches, so partial ones are per worker."""
+        rnd = math.floor if self.drop_last else math.ceil
+        return sum(rnd(c / self.batch_size) for c in self._worker_counts())
+
+    @property
+    def epoch_samples(self) -> int:
+        if self.drop_last:
+            return sum(c // self.batch_size * self.batch_size for c in self._worker_counts())
+        return sum(self._worker_counts())
+
+    def __iter__(self) -> Iterator[dict]:
+        seed = (self.cfg.seed * 1_000_003 + self.cfg.rank * 10_007 + self.dataset.epoch) % 2**63
+        gen = torch.Generator().manual_seed(seed)  # seeds each worker's torch/random RNG
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            pin_memory=self.device.type == "cuda",
+            generator=gen,
+            prefetch_factor=4,
+        )
+        for batch in loader:
+            yield {
+                k: (v.to(self.device, non_blocking=True, dtype=self.dtype if v.is_floating_point() else None)
+                    if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()
+            }
+        self.dataset.epoch += 1

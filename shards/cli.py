@@ -1,0 +1,111 @@
+"""`cxrfast shard mimic|chexpert` and `cxrfast inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+shard_app = typer.Typer(help="Shard a raw dataset tree into WebDataset tars + DALI indices.", no_args_is_help=True)
+
+_MAX_SIZE = typer.Option(512, "--max-size", help="Long side of the written JPEGs (aspect kept, never upscaled).")
+_QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written images.")
+_SPT = typer.Option(None, "--samples-per-tar", help="Samples per tar (default: from --target-tar-mb).")
+_TARGET = typer.Option(256.0, "--target-tar-mb", help="Approximate tar size in MB when --samples-per-tar is not given.")
+_WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
+_SEED = typer.Option(0, "--seed", help="Seed of the sample order (and CheXpert's validate hold-out).")
+_VIEWS = typer.Option("PA,AP", "--views", help="Comma-separated views to keep, or 'all'.")
+_VOCAB = typer.Option(30000, "--vocab-size", help="WordPiece vocabulary size when training the tokenizer.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace shards of another dataset/other parameters in --out.")
+_IMAGE_EXT = typer.Option("jpg", "--image-ext", help="Source image extension to look for first: jpg or png (16-bit).")
+
+
+def _fail(e: ValueError) -> typer.Exit:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@shard_app.command("mimic")
+def mimic(
+    root: Path = typer.Option(..., "--root", help="MIMIC-CXR-JPG root (files/ and the four csv.gz)."),
+    reports: Path = typer.Option(..., "--reports", help="mimic-cxr-reports.zip, or the folder holding its files/ tree."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    max_size: int = _MAX_SIZE,
+    quality: int = _QUALITY,
+    samples_per_tar: int | None = _SPT,
+    target_tar_mb: float = _TARGET,
+    workers: int | None = _WORKERS,
+    seed: int = _SEED,
+    views: str = _VIEWS,
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="A local HF tokenizer (tokenizer.json, or a folder with it or vocab.txt) instead of training one."
+    ),
+    vocab_size: int = _VOCAB,
+    labels: str = typer.Option("chexpert", "--labels", help="Label CSV: chexpert or negbio."),
+    image_ext: str = _IMAGE_EXT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """MIMIC-CXR-JPG 2.0.0 + reports -> shards (frontal views, reports tokenized)."""
+    from cxrfast.shards.build import shard_mimic
+
+    try:
+        s = shard_mimic(
+            root, reports, out, max_size=max_size, quality=quality, samples_per_tar=samples_per_tar,
+            target_tar_mb=target_tar_mb, workers=workers, seed=seed, views=views, tokenizer=tokenizer,
+            vocab_size=vocab_size, overwrite=overwrite, labels=labels, image_ext=image_ext,
+        )  # fmt: skip
+    except ValueError as e:
+        raise _fail(e) from e
+    typer.echo(s.line())
+
+
+@shard_app.command("chexpert")
+def chexpert(
+    root: Path = typer.Option(..., "--root", help="The CheXpert-v1.0[-small] folder (train.csv, valid.csv)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    max_size: int = _MAX_SIZE,
+    quality: int = _QUALITY,
+    samples_per_tar: int | None = _SPT,
+    target_tar_mb: float = _TARGET,
+    workers: int | None = _WORKERS,
+    seed: int = _SEED,
+    views: str = _VIEWS,
+    validate_fraction: float = typer.Option(0.1, "--validate-fraction", help="Share of train patients held out as validate."),
+    image_ext: str = _IMAGE_EXT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """CheXpert v1.0(-small) -> shards (valid.csv becomes test; validate held out by patient)."""
+    from cxrfast.shards.build import shard_chexpert
+
+    try:
+        s = shard_chexpert(
+            root, out, max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+            workers=workers, seed=seed, views=views, validate_fraction=validate_fraction, overwrite=overwrite,
+            image_ext=image_ext,
+        )  # fmt: skip
+    except ValueError as e:
+        raise _fail(e) from e
+    typer.echo(s.line())
+
+
+def inspect_cmd(
+    shards: Path = typer.Argument(..., help="A shard folder (holding manifest.json)."),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Contact sheet PNG (default: DIR/contact_sheet.png)."),
+    samples: int = typer.Option(16, "--samples", help="Random samples on the contact sheet."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the contact sheet's samples."),
+) -> None:
+    """Verify a shard folder (sha256, DALI indices, members, labels, counts), print statistics,
+    write a contact sheet; exit 1 listing every inconsistency."""
+    from cxrfast.shards.inspect import inspect_shards
+
+    try:
+        report = inspect_shards(shards, sheet=sheet, samples=samples, seed=seed)
+    except ValueError as e:
+        raise _fail(e) from e
+    typer.echo(report.text())
+    if report.problems:
+        typer.secho(f"{len(report.problems)} problem(s) in {shards}:", fg=typer.colors.RED, err=True)
+        for p in report.problems:
+            typer.secho(f"  - {p}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.secho(f"OK: {shards} is consistent", fg=typer.colors.GREEN)

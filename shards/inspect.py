@@ -1,0 +1,265 @@
+"""`cxrfast inspect DIR`: verify a shard folder against its manifest and the shard contract,
+summarise it, and draw a contact sheet of random samples."""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cxrfast.shards.manifest import file_sha256
+from cxrfast.shards.schema import (
+    LABEL_NAMES,
+    MANIFEST,
+    MANIFEST_FIELDS,
+    MEMBER_BY_EXT,
+    METADATA_FIELDS,
+    NUM_LABELS,
+    REQUIRED_EXTS,
+    SKIPPED,
+    SPLITS,
+    decode_member,
+)
+from cxrfast.shards.tarwriter import index_from_tar
+
+_CODES = {1: "pos", 0: "neg", -1: "unc", -2: "missing"}
+
+
+@dataclass
+class InspectReport:
+    """Everything `inspect` found: problems (empty when consistent) and statistics."""
+
+    root: Path
+    problems: list[str] = field(default_factory=list)
+    per_split: dict[str, int] = field(default_factory=dict)
+    prevalence: dict[str, Counter] = field(default_factory=dict)
+    report_words: list[int] = field(default_factory=list)
+    token_lengths: list[int] = field(default_factory=list)
+    without_report: int = 0
+    sheet: Path | None = None
+
+    def text(self) -> str:
+        lines = [f"shards: {self.root}"]
+        lines.append("samples per split: " + ", ".join(f"{k} {v}" for k, v in self.per_split.items()))
+        lines.append(f"{'label':28s} {'pos':>7s} {'neg':>7s} {'unc':>7s} {'missing':>8s}")
+        for name in LABEL_NAMES:
+            c = self.prevalence.get(name, Counter())
+            lines.append(f"{name:28s} {c['pos']:7d} {c['neg']:7d} {c['unc']:7d} {c['missing']:8d}")
+        for what, vals in (("report words", self.report_words), ("report tokens", self.token_lengths)):
+            if vals:
+                a = np.asarray(vals)
+                lines.append(
+                    f"{what}: n={a.size} min={a.min()} median={np.median(a):.0f} mean={a.mean():.1f} "
+                    f"p95={np.percentile(a, 95):.0f} max={a.max()}"
+                )
+        lines.append(f"samples without report: {self.without_report}")
+        if self.sheet is not None:
+            lines.append(f"contact sheet: {self.sheet}")
+        return "\n".join(lines)
+
+
+def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dict, rep: InspectReport, where: str) -> None:
+    import cv2
+
+    p = rep.problems
+    missing = [e for e in REQUIRED_EXTS if e not in members]
+    if missing:
+        p.append(f"{where}: sample {key} lacks members {missing}")
+    unknown = [e for e in members if e not in MEMBER_BY_EXT]
+    if unknown:
+        p.append(f"{where}: sample {key} has unknown members {unknown}")
+    if "labels.i8" in members:
+        lab = decode_member("labels.i8", members["labels.i8"])
+        if lab.shape != (NUM_LABELS,):
+            p.append(f"{where}: {key}.labels.i8 holds {lab.shape[0]} values, expected {NUM_LABELS}")
+        elif not np.isin(lab, list(_CODES)).all():
+            p.append(f"{where}: {key}.labels.i8 holds invalid codes {lab.tolist()}")
+        else:
+            for name, v in zip(LABEL_NAMES, lab.tolist(), strict=True):
+                rep.prevalence.setdefault(name, Counter())[_CODES[v]] += 1
+    has_ids, has_txt = "ids.i32" in members, "txt" in members
+    if has_ids != has_txt:
+        p.append(f"{where}: {key} has {'ids.i32' if has_ids else 'txt'} without {'txt' if has_ids else 'ids.i32'}")
+    if has_ids:
+        if len(members["ids.i32"]) % 4:
+            p.append(f"{where}: {key}.ids.i32 is {len(members['ids.i32'])} bytes, not a multiple of 4")
+        else:
+            ids = decode_member("ids.i32", members["ids.i32"])
+            tok = manifest.get("tokenizer") or {}
+            sp = tok.get("special_ids", {})
+            if not tok:
+                p.append(f"{where}: {key} has ids.i32 but the manifest has no tokenizer")
+            elif ids.size < 2 or ids[0] != sp.get("cls") or ids[-1] != sp.get("sep"):
+                p.append(f"{where}: {key}.ids.i32 does not start with [CLS] and end with [SEP]")
+            elif ids.min() < 0 or ids.max() >= tok["vocab_size"]:
+                p.append(f"{where}: {key}.ids.i32 holds ids outside [0, {tok['vocab_size']})")
+            rep.token_lengths.append(int(ids.size))
+        rep.report_words.append(len(members.get("txt", b"").decode("utf-8", errors="replace").split()))
+    else:
+        rep.without_report += 1
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            if tuple(meta) != METADATA_FIELDS:
+                p.append(f"{where}: {key}.json has fields {list(meta)}, expected {list(METADATA_FIELDS)}")
+            elif meta["split"] != split:
+                p.append(f"{where}: {key}.json says split {meta['split']!r}, the tar is in {split!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            p.append(f"{where}: {key}.json is not valid JSON ({e})")
+    if "jpg" in members:
+        img = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
+        max_size = (manifest.get("created_with") or {}).get("max_size")
+        if img is None or img.ndim != 2:
+            p.append(f"{where}: {key}.jpg is not a decodable single-channel JPEG")
+        elif max_size and max(img.shape) > max_size:
+            p.append(f"{where}: {key}.jpg is {img.shape[1]}x{img.shape[0]}, long side above max_size {max_size}")
+
+
+def _read_samples(tar_path: Path):
+    """Yield (key, {ext: bytes}) in tar order; a key seen again later is yielded again."""
+    key, members = None, {}
+    with tarfile.open(tar_path, mode="r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            name = m.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            f = tf.extractfile(m)
+            assert f is not None
+            members[ext] = f.read()
+    if key is not None:
+        yield key, members
+
+
+def inspect_shards(root: Path, *, sheet: Path | None = None, samples: int = 16, seed: int = 0) -> InspectReport:
+    """Verify `root` (sha256, idx, members, labels, counts) and gather statistics; draws the
+    contact sheet at `sheet` (default root/contact_sheet.png; samples=0 draws none)."""
+    root = Path(root)
+    man_p = root / MANIFEST
+    if not man_p.is_file():
+        raise ValueError(f"{root} holds no {MANIFEST}: not a shard folder")
+    manifest = json.loads(man_p.read_text())
+    rep = InspectReport(root)
+    p = rep.problems
+    lacking = [k for k in MANIFEST_FIELDS if k not in manifest]
+    if lacking:
+        p.append(f"{man_p}: missing keys {lacking}")
+    if manifest.get("label_names") != list(LABEL_NAMES):
+        p.append(f"{man_p}: label_names differ from the CheXpert order")
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[str, bytes, np.ndarray]] = []
+    seen_keys: dict[str, str] = {}
+    n_seen = 0
+    tars = [(s, t) for s in (manifest.get("splits") or {}) for t in manifest["splits"][s]]
+    for split, t in tqdm(tars, desc="inspect", unit="tar", dynamic_ncols=True):
+        if split not in SPLITS:
+            p.append(f"{man_p}: unknown split {split!r}")
+        tar_p, idx_p = root / t["tar"], root / t["idx"]
+        if not tar_p.is_file():
+            p.append(f"{tar_p} is listed in the manifest but missing")
+            continue
+        if tar_p.stat().st_size != t["bytes"]:
+            p.append(f"{tar_p}: {tar_p.stat().st_size} bytes, manifest says {t['bytes']}")
+        if file_sha256(tar_p) != t["sha256"]:
+            p.append(f"{tar_p}: sha256 differs from the manifest")
+        try:
+            derived = index_from_tar(tar_p)
+        except tarfile.TarError as e:
+            p.append(f"{tar_p}: unreadable tar ({e})")
+            continue
+        if not idx_p.is_file():
+            p.append(f"{idx_p} is missing")
+        elif idx_p.read_text() != derived:
+            p.append(f"{idx_p} does not match its tar (re-derived index differs)")
+        n = 0
+        try:
+            for key, members in _read_samples(tar_p):
+                n += 1
+                if key in seen_keys:
+                    p.append(f"{tar_p.name}: sample {key} also appears in {seen_keys[key]}")
+                seen_keys[key] = tar_p.name
+                _check_sample(key, members, split, manifest, rep, tar_p.name)
+                if samples > 0 and "jpg" in members and "labels.i8" in members:
+                    n_seen += 1
+                    item = (key, members["jpg"], np.frombuffer(members["labels.i8"], np.int8))
+                    if len(reservoir) < samples:
+                        reservoir.append(item)
+                    else:
+                        j = int(rng.integers(n_seen))
+                        if j < samples:
+                            reservoir[j] = item
+        except (tarfile.TarError, OSError) as e:
+            p.append(f"{tar_p}: unreadable tar ({e})")
+        if n != t["samples"]:
+            p.append(f"{tar_p.name}: {n} samples, manifest says {t['samples']}")
+        rep.per_split[split] = rep.per_split.get(split, 0) + n
+    counts = manifest.get("counts") or {}
+    total = sum(rep.per_split.values())
+    if counts.get("samples_out") != total:
+        p.append(f"manifest counts.samples_out = {counts.get('samples_out')}, the tars hold {total}")
+    if counts.get("rows_in") != (counts.get("samples_out") or 0) + (counts.get("skipped") or 0):
+        p.append(f"manifest counts: rows_in {counts.get('rows_in')} != samples_out + skipped")
+    if counts.get("without_report") is not None and manifest.get("tokenizer") and counts["without_report"] != rep.without_report:
+        p.append(f"manifest counts.without_report = {counts['without_report']}, the tars hold {rep.without_report}")
+    sk_p = root / SKIPPED
+    if sk_p.is_file():
+        lines = [json.loads(line) for line in sk_p.read_text().splitlines() if line.strip()]
+        reasons = dict(Counter(s.get("reason") for s in lines))
+        if len(lines) != counts.get("skipped"):
+            p.append(f"{sk_p}: {len(lines)} rows, manifest counts.skipped = {counts.get('skipped')}")
+        if reasons != (manifest.get("skipped") or {}):
+            p.append(f"{sk_p}: reasons {reasons} differ from the manifest's {manifest.get('skipped')}")
+        for s in lines:
+            if not {"key", "path", "reason", "detail"} <= set(s):
+                p.append(f"{sk_p}: row {s} lacks key/path/reason/detail")
+                break
+    elif counts.get("skipped"):
+        p.append(f"{sk_p} is missing but the manifest counts {counts['skipped']} skipped rows")
+    if reservoir:
+        rep.sheet = sheet or root / "contact_sheet.png"
+        contact_sheet(reservoir, rep.sheet)
+    return rep
+
+
+def _abbrev(name: str) -> str:
+    return "".join(w[0] for w in name.split()) if " " in name else name[:5]
+
+
+def contact_sheet(items: list[tuple[str, bytes, np.ndarray]], path: Path) -> Path:
+    """A grid of (key, jpg, labels): each image titled with its key and its positive (+) and
+    uncertain (?) labels."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (key, jpg, labels) in zip(axes.ravel(), sorted(items, key=lambda x: x[0]), strict=False):
+        img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if img is not None:
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        pos = [_abbrev(n) + "+" for n, v in zip(LABEL_NAMES, labels.tolist(), strict=True) if v == 1]
+        unc = [_abbrev(n) + "?" for n, v in zip(LABEL_NAMES, labels.tolist(), strict=True) if v == -1]
+        ax.set_title(f"{key[:28]}\n{' '.join(pos + unc) or '-'}", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

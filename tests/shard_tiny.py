@@ -1,0 +1,97 @@
+"""Tiny hand-built MIMIC-CXR-JPG / CheXpert trees for the sharding tests (no dependency on
+`cxrfast.synth`): gradient images, the published CSV layouts, a reports zip."""
+
+from __future__ import annotations
+
+import gzip
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cxrfast.shards.schema import LABEL_NAMES
+
+REPORTS = [
+    "FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n INDICATION: ___F with cough\n"
+    " FINDINGS:\n The lungs are clear.\n No pleural effusion.\n IMPRESSION: No acute process.\n",
+    "FINAL REPORT\n INDICATION: ___M, fever\n IMPRESSION:\n Mild cardiomegaly without edema.\n",
+    "FINAL REPORT\n FINDINGS AND IMPRESSION: Left basilar opacity, possibly atelectasis.\n",
+    "FINAL REPORT\n TECHNIQUE: AP portable\n FINDINGS: Stable support devices.\n Lines unchanged.\n",
+]
+
+
+def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    y = np.linspace(0, 255, h)[:, None]
+    x = np.linspace(0, 80, w)[None, :]
+    img = (y * 0.6 + x + rng.normal(0, 8, (h, w))).clip(0, 255).astype(np.uint8)
+    return img
+
+
+def _gz_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    text = ",".join(header) + "\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows)
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+
+
+def make_tiny_mimic(out: Path, *, studies: int = 6, seed: int = 0, size: tuple[int, int] = (600, 500), no_report: int = 1) -> dict:
+    """`studies` studies of subjects 10000000+i, each a PA (or AP), a LATERAL and every third an
+    extra AP image; labels alphabetical in chexpert.csv; the last `no_report` studies have no report."""
+    rng = np.random.default_rng(seed)
+    meta, split, labels = [], [], []
+    zpath = out / "mimic-cxr-reports.zip"
+    out.mkdir(parents=True, exist_ok=True)
+    splits = ["train", "train", "train", "validate", "test"]
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i in range(studies):
+            sid, st = 10000000 + i, 50000000 + i
+            views = ["PA" if i % 2 == 0 else "AP", "LATERAL"] + (["AP"] if i % 3 == 0 else [])
+            sp = splits[i % len(splits)]
+            for j, v in enumerate(views):
+                dicom = f"d{i:03d}{j}abc-{seed}"
+                h, w = size if v != "LATERAL" else size[::-1]
+                p = out / f"files/p{str(sid)[:2]}/p{sid}/s{st}/{dicom}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(p), _image(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                meta.append([dicom, sid, st, "CHEST", v, h, w, 21800101, 120000.0, "", "", ""])
+                split.append([dicom, st, sid, sp])
+            # Label i: Cardiomegaly positive on even studies, Edema uncertain on odd, the rest blank.
+            lab = {n: None for n in LABEL_NAMES}
+            lab["Cardiomegaly"] = 1.0 if i % 2 == 0 else 0.0
+            lab["Edema"] = -1.0 if i % 2 else None
+            labels.append([sid, st] + [lab[n] for n in sorted(LABEL_NAMES)])
+            if i < studies - no_report:
+                zf.writestr(f"files/p{str(sid)[:2]}/p{sid}/s{st}.txt", REPORTS[i % len(REPORTS)])
+    _gz_csv(
+        out / "mimic-cxr-2.0.0-metadata.csv.gz",
+        ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",
+         "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+         "PatientOrientationCodeSequence_CodeMeaning"],
+        meta,
+    )  # fmt: skip
+    _gz_csv(out / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    for name in ("chexpert", "negbio"):
+        _gz_csv(out / f"mimic-cxr-2.0.0-{name}.csv.gz", ["subject_id", "study_id", *sorted(LABEL_NAMES)], labels)
+    frontal = sum(1 for m in meta if m[4] in ("PA", "AP"))
+    return {"images": len(meta), "frontal": frontal, "studies": studies}
+
+
+def make_tiny_chexpert(parent: Path, *, patients: int = 8, seed: int = 0) -> Path:
+    """`parent/CheXpert-v1.0-small/` with train.csv (patients x 1 study x frontal+lateral) and valid.csv."""
+    rng = np.random.default_rng(seed)
+    root = parent / "CheXpert-v1.0-small"
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_NAMES]
+    for csv, folder, n, start in (("train.csv", "train", patients, 1), ("valid.csv", "valid", 2, 64541)):
+        rows = []
+        for k in range(n):
+            pid = f"patient{start + k:05d}"
+            for view, fl, appa in (("view1_frontal", "Frontal", "AP" if k % 2 else "PA"), ("view2_lateral", "Lateral", "")):
+                rel = f"CheXpert-v1.0-small/{folder}/{pid}/study1/{view}.jpg"
+                p = parent / rel
+                p.parent.mkdir(parents=True, exist_ok=True)
+                h, w = (390, 320) if fl == "Frontal" else (320, 390)
+                cv2.imwrite(str(p), _image(rng, h, w))
+                labs = ["1.0" if (k + i) % 5 == 0 else ("-1.0" if (k + i) % 7 == 0 else "") for i in range(len(LABEL_NAMES))]
+                rows.append([rel, "Female" if k % 2 else "Male", 40 + k, fl, appa, *labs])
+        (root / csv).write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return root
