@@ -13,30 +13,17 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.data_node import DataNode
 
 from cxrfast.pipelines import augment as A
-from cxrfast.pipelines.manifest import ShardSplit
 from cxrfast.pipelines.reader import read_shards
-from cxrfast.pipelines.recipes import Recipe, presize
+from cxrfast.pipelines.recipes import LoaderConfig, presize
 from cxrfast.pipelines.text import pad_truncate
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class GraphConfig:
-    """Everything the graph needs besides the DALI pipeline arguments."""
+class GraphConfig(LoaderConfig):
+    """A `LoaderConfig` plus what only the DALI graph needs."""
 
-    recipe: Recipe
-    split: ShardSplit
     device: str  # "gpu" | "cpu"
-    rank: int
-    world_size: int
-    shuffle: bool
-    seed: int
-    mean: float
-    std: float
     dtype: str  # "float32" | "float16"
-    channels: int
-    image_size: int
-    text_len: int | None
-    with_keys: bool
 
 
 def output_names(cfg: GraphConfig) -> list[str]:

@@ -9,8 +9,8 @@ from typing import Protocol
 
 import torch
 
-from cxrfast.pipelines.manifest import open_split, read_manifest
-from cxrfast.pipelines.recipes import get_recipe
+from cxrfast.pipelines.manifest import open_split, split_entries
+from cxrfast.pipelines.recipes import LoaderConfig, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,9 @@ def build_loader(
     if backend == "synthetic":
         from cxrfast.pipelines.synthetic import SyntheticLoader
 
-        manifest = read_manifest(Path(shards))
-        if split not in manifest["splits"]:
-            raise ValueError(f"{Path(shards) / 'manifest.json'}: no split {split!r}")
-        total = sum(int(e["samples"]) for e in manifest["splits"][split])
-        tok = manifest.get("tokenizer")
-        if r.needs_text and tok is None:
-            raise ValueError(f"{Path(shards) / 'manifest.json'}: recipe {recipe!r} needs report token ids; these shards have none")
+        manifest, entries = split_entries(Path(shards), split, needs_text=r.needs_text, recipe=recipe)
+        total = sum(int(e["samples"]) for e in entries)
+        tok = manifest["tokenizer"]
         return SyntheticLoader(
             r,
             samples=rank_share(total, rank, world_size),
@@ -131,10 +127,10 @@ def build_loader(
         channels=channels, image_size=image_size, text_len=text_len, with_keys=with_keys,
     )
     if backend == "torch":
-        from cxrfast.pipelines.torch_loader import TorchConfig, TorchLoader
+        from cxrfast.pipelines.torch_loader import TorchLoader
 
         return TorchLoader(
-            TorchConfig(**common), batch_size=batch_size, num_workers=num_threads, device=torch_device,
+            LoaderConfig(**common), batch_size=batch_size, num_workers=num_threads, device=torch_device,
             dtype=dtype, drop_last=drop_last,
         )
     from cxrfast.pipelines.dali_graph import GraphConfig

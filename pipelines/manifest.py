@@ -5,12 +5,15 @@ present when the recipe trains on reports."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cxrfast.shards import schema
+from cxrfast.shards.manifest import read_manifest
+
+#: The manifest keys the loaders read.
+_LOADER_KEYS = ("splits", "tokenizer", "pixel_stats")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +58,28 @@ class ShardSplit:
         return float(stats["mean"]), float(stats["std"])
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The parsed `root/manifest.json`, with its required keys checked."""
-    path = Path(root) / schema.MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest.json; is {root} a folder written by `cxrfast shard`?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    missing = [k for k in ("splits", "tokenizer", "pixel_stats") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: missing keys {missing}; expected the keys of shards/schema.py MANIFEST_FIELDS")
-    return manifest
+def split_entries(
+    root: Path, split: str, *, needs_text: bool = False, recipe: str = ""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest, the manifest's tar entries of `split`), read with `cxrfast.shards.manifest.read_manifest`.
+
+    ValueError naming manifest.json for an unknown or empty split, or `needs_text` on shards
+    without reports. Touches no tar: the synthetic backend needs only this.
+    """
+    manifest = read_manifest(root, required=_LOADER_KEYS)
+    mpath = Path(root) / schema.MANIFEST
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ValueError(f"{mpath}: no split {split!r}; the manifest has {sorted(splits)}")
+    entries = splits[split]
+    if not entries:
+        raise ValueError(f"{mpath}: split {split!r} has no tars")
+    if needs_text and manifest.get("tokenizer") is None:
+        raise ValueError(
+            f"{mpath}: recipe {recipe!r} needs report token ids (ids.i32) but these shards have none "
+            f"(dataset {manifest.get('dataset')!r}, tokenizer null); use a recipe without text, e.g. 'mae'"
+        )
+    return manifest, entries
 
 
 def _idx_samples(idx: Path) -> int:
@@ -87,19 +99,8 @@ def open_split(root: Path, split: str, *, needs_text: bool = False, recipe: str 
     empty split, or `needs_text` on shards without reports. Every message names the file.
     """
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest, entries = split_entries(root, split, needs_text=needs_text, recipe=recipe)
     mpath = root / schema.MANIFEST
-    splits = manifest["splits"]
-    if split not in splits:
-        raise ValueError(f"{mpath}: no split {split!r}; the manifest has {sorted(splits)}")
-    entries = splits[split]
-    if not entries:
-        raise ValueError(f"{mpath}: split {split!r} has no tars")
-    if needs_text and manifest.get("tokenizer") is None:
-        raise ValueError(
-            f"{mpath}: recipe {recipe!r} needs report token ids (ids.i32) but these shards have none "
-            f"(dataset {manifest.get('dataset')!r}, tokenizer null); use a recipe without text, e.g. 'mae'"
-        )
     tars, idxs, counts = [], [], []
     for i, entry in enumerate(entries):
         for key in ("tar", "idx", "samples", "bytes"):

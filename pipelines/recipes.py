@@ -5,6 +5,10 @@ synthetic backend read the same numbers from here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrfast.pipelines.manifest import ShardSplit
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,6 +48,25 @@ class Recipe:
         if self.two_views:
             out["image2"] = size
         return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoaderConfig:
+    """What the DataLoader reference backend needs besides its DataLoader arguments; the DALI
+    graph's `GraphConfig` adds the DALI device and output dtype."""
+
+    recipe: Recipe
+    split: ShardSplit
+    rank: int
+    world_size: int
+    shuffle: bool
+    seed: int
+    mean: float
+    std: float
+    channels: int
+    image_size: int
+    text_len: int | None
+    with_keys: bool
 
 
 def presize(size: int) -> int:

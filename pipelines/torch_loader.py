@@ -15,7 +15,6 @@ import io
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,34 +24,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrfast.pipelines.manifest import ShardSplit
-from cxrfast.pipelines.recipes import Recipe, presize
+from cxrfast.pipelines.recipes import LoaderConfig, presize
 from cxrfast.shards.schema import decode_member
 
 SHUFFLE_BUFFER = 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class TorchConfig:
-    recipe: Recipe
-    split: ShardSplit
-    rank: int
-    world_size: int
-    shuffle: bool
-    seed: int
-    mean: float
-    std: float
-    channels: int
-    image_size: int
-    text_len: int | None
-    with_keys: bool
 
 
 def _to_tensor(mean: float, std: float) -> T.Compose:
     return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([mean], [std])])
 
 
-def build_transform(cfg: TorchConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
+def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
     """PIL grayscale image -> {"image": [1,S,S], ...} per the recipe (torchvision transforms)."""
     r, size = cfg.recipe, cfg.image_size
     tensor = _to_tensor(cfg.mean, cfg.std)
@@ -109,7 +91,7 @@ def pad_truncate_ids(ids: np.ndarray, *, length: int, pad_id: int, sep_id: int) 
 class TarSamples(IterableDataset):
     """This rank's tars, split over DataLoader workers, decoded and augmented sample by sample."""
 
-    def __init__(self, cfg: TorchConfig) -> None:
+    def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.epoch = 0
         self.transform = build_transform(cfg)
@@ -153,7 +135,7 @@ class TorchLoader:
 
     def __init__(
         self,
-        cfg: TorchConfig,
+        cfg: LoaderConfig,
         *,
         batch_size: int,
         num_workers: int,

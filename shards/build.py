@@ -10,13 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from cxrfast.shards.manifest import (
 )
 from cxrfast.shards.pixel_stats import PixelHistogram
 from cxrfast.shards.plan import plan_digest, plan_tars
+from cxrfast.shards.pool import WorkerPool
 from cxrfast.shards.reports import ReportStore, parse_report
 from cxrfast.shards.schema import (
     LABEL_NAMES,
@@ -42,7 +40,7 @@ from cxrfast.shards.schema import (
     SPLITS,
     TOKENIZER,
 )
-from cxrfast.shards.worker import TarTask, ready, write_tar
+from cxrfast.shards.worker import TarTask, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +89,6 @@ def _stage(desc: str, total: int | None = None, unit: str = "it") -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
 
 
-def _pool(workers: int) -> tuple[ProcessPoolExecutor, threading.Thread]:
-    """Worker processes forked from a clean forkserver -- never from this process, whose polars,
-    tokenizers and OpenCV thread pools must not be forked -- that has imported the main module,
-    the worker and compiled its numba loops once (`cxrfast.shards._preload`). The first submit
-    blocks until the forkserver is ready, so the workers are started from a thread: their
-    start-up overlaps the metadata and tokenizer stages."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "cxrfast.shards._preload"])
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-
-    def start() -> None:
-        for _ in range(workers):
-            pool.submit(ready)
-
-    starter = threading.Thread(target=start, name="cxrfast-start-workers", daemon=True)
-    starter.start()
-    return pool, starter  # join the starter before submitting the real tasks
-
-
 def _train_texts(store: ReportStore, studies: pl.DataFrame, bar: tqdm) -> Iterator[str]:
     for subject_id, study_id in studies.iter_rows():
         rep = parse_report(store.read(subject_id, study_id))
@@ -149,11 +128,9 @@ def _run(
     reports: ReportStore | None,
     tokenizer: Path | None,
     vocab_size: int,
-    workers: int,
-    workers_pool: tuple[ProcessPoolExecutor, threading.Thread],
+    pool: WorkerPool,
     t0: float,
 ) -> ShardSummary:
-    pool, starter = workers_pool
     # Rows that cannot be placed (no split) are skipped here, the rest are planned into tars.
     unplaced = rows.filter(~pl.col("split").is_in(list(SPLITS)))
     pre_skipped = [
@@ -174,7 +151,6 @@ def _run(
         max_size=params["max_size"],
     )  # fmt: skip
     records: dict[str, dict] = {}
-    pending: dict[Future, str] = {}
     resumed: set[str] = set()
     bar = _stage("images", planned.height, "img")
     try:
@@ -189,41 +165,26 @@ def _run(
                 bar.update(rec["rows"])
             else:
                 todo.append((p, sl, sha))
+        # Largest tars first (stable): the last tars to finish are small ones, so no worker sits
+        # idle for long at the end. Every tar is independent: the order changes no output byte.
+        todo.sort(key=lambda item: -item[0].size)
 
-        def submit(p, sl, sha) -> None:
-            task = TarTask(
-                dataset=dataset, root=root, out=out, tar=p.name, split=p.split, plan_sha=sha, rows=sl.to_dicts(),
-                max_size=params["max_size"], quality=params["quality"], image_ext=params["image_ext"],
-                reports=reports.path if reports is not None else None,
-                tokenizer=(out / TOKENIZER) if reports is not None else None,
-            )  # fmt: skip
-            pending[pool.submit(write_tar, task)] = p.name
+        def tasks() -> Iterator[tuple[str, TarTask]]:
+            for p, sl, sha in todo:
+                yield p.name, TarTask(
+                    dataset=dataset, root=root, out=out, tar=p.name, split=p.split, plan_sha=sha, rows=sl.to_dicts(),
+                    max_size=params["max_size"], quality=params["quality"], image_ext=params["image_ext"],
+                    reports=reports.path if reports is not None else None,
+                    tokenizer=(out / TOKENIZER) if reports is not None else None,
+                )  # fmt: skip
 
-        starter.join()
-        it = iter(todo)
-        for item in it:  # keep at most 2 tars per worker in flight: bounded memory
-            submit(*item)
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                name = pending.pop(fut)
-                try:
-                    rec = fut.result()
-                except Exception as e:
-                    raise RuntimeError(f"writing {out / name} failed: {e}") from e
-                records[name] = rec
-                bar.update(rec["rows"])
-                nxt = next(it, None)
-                if nxt is not None:
-                    submit(*nxt)
+        # At most 2 tars per worker in flight: bounded memory whatever the dataset size.
+        for name, rec in pool.map_unordered(write_tar, tasks(), in_flight=2 * pool.workers):
+            records[name] = rec
+            bar.update(rec["rows"])
         images_done_at = time.time()
     finally:
         bar.close()
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
 
     # Merge the done-records in plan order.
     splits: dict[str, list[dict]] = {}
@@ -288,7 +249,7 @@ def _run(
         seconds=elapsed, images_written=written, image_seconds=image_seconds, tars_resumed=len(resumed),
         per_split={s: sum(t["samples"] for t in splits[s]) for s in SPLITS if s in splits},
     )  # fmt: skip
-    log.info(summary.line())
+    log.debug(summary.line())  # the CLI echoes it
     return summary
 
 
@@ -344,22 +305,17 @@ def shard_mimic(
         from cxrfast.shards.tokenize import load_tokenizer
 
         params["tokenizer_sha256"] = hashlib.sha256(load_tokenizer(tokenizer).to_str().encode()).hexdigest()
-    n = _workers(workers)
-    pool, starter = _pool(n)
-    try:
+    # The workers start now, in the background: their start-up overlaps metadata and tokenizer.
+    with WorkerPool(_workers(workers)) as pool:
         with _stage("metadata", 2, "step") as bar:
             rows, counts = read_mimic(root, views=views, labels=labels)
             bar.update(1)
             prepare_output(out, "mimic", params, overwrite=overwrite)
             bar.update(1)
-    except BaseException:
-        starter.join()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    return _run(
-        "mimic", root, out, rows, counts, params, reports=store, tokenizer=tokenizer, vocab_size=vocab_size,
-        workers=n, workers_pool=(pool, starter), t0=t0,
-    )  # fmt: skip
+        return _run(
+            "mimic", root, out, rows, counts, params, reports=store, tokenizer=tokenizer, vocab_size=vocab_size,
+            pool=pool, t0=t0,
+        )  # fmt: skip
 
 
 def shard_chexpert(
@@ -394,22 +350,16 @@ def shard_chexpert(
         "chexpert", max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
         seed=seed, views=views, validate_fraction=validate_fraction, image_ext=image_ext,
     )  # fmt: skip
-    n = _workers(workers)
-    pool, starter = _pool(n)
-    try:
+    with WorkerPool(_workers(workers)) as pool:
         with _stage("metadata", 2, "step") as bar:
             rows, counts = read_chexpert(root, views=views, validate_fraction=validate_fraction, seed=seed)
             bar.update(1)
             prepare_output(out, "chexpert", params, overwrite=overwrite)
             bar.update(1)
-    except BaseException:
-        starter.join()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    return _run(
-        "chexpert", root, out, rows, counts, params, reports=None, tokenizer=None, vocab_size=vocab_size,
-        workers=n, workers_pool=(pool, starter), t0=t0,
-    )  # fmt: skip
+        return _run(
+            "chexpert", root, out, rows, counts, params, reports=None, tokenizer=None, vocab_size=vocab_size,
+            pool=pool, t0=t0,
+        )  # fmt: skip
 
 
 def _check_image_options(max_size: int, quality: int, image_ext: str) -> None:

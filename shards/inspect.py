@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cxrfast.shards.manifest import file_sha256
+from cxrfast.shards.manifest import file_sha256, read_manifest
 from cxrfast.shards.schema import (
     LABEL_NAMES,
     MANIFEST,
@@ -146,9 +146,10 @@ def inspect_shards(root: Path, *, sheet: Path | None = None, samples: int = 16, 
     contact sheet at `sheet` (default root/contact_sheet.png; samples=0 draws none)."""
     root = Path(root)
     man_p = root / MANIFEST
-    if not man_p.is_file():
-        raise ValueError(f"{root} holds no {MANIFEST}: not a shard folder")
-    manifest = json.loads(man_p.read_text())
+    try:
+        manifest = read_manifest(root, required=())  # missing keys are listed as problems below
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None  # the CLI reports a ValueError as "error: ..." (exit 2)
     rep = InspectReport(root)
     p = rep.problems
     lacking = [k for k in MANIFEST_FIELDS if k not in manifest]

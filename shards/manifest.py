@@ -1,4 +1,5 @@
-"""manifest.json, the output-folder guard (refuse another dataset's folder), resume records."""
+"""manifest.json (the one reader, `read_manifest`), the output-folder guard (refuse another dataset's
+folder), resume records."""
 
 from __future__ import annotations
 
@@ -8,16 +9,43 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxrfast.shards.schema import MANIFEST, SKIPPED, TOKENIZER
+from cxrfast.shards.schema import MANIFEST, MANIFEST_FIELDS, SKIPPED, TOKENIZER
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
 PARAMS_FILE = "params.json"
 _OUR_FILE = re.compile(r"^(train|validate|test)-\d{6}\.(tar|idx)(\.tmp)?$")
+
+
+def read_manifest(root: Path, *, required: Iterable[str] = MANIFEST_FIELDS) -> dict[str, Any]:
+    """The parsed `root/manifest.json`; the single reader of that file.
+
+    Raises FileNotFoundError when the folder has no manifest (not a shard folder, or sharding did
+    not finish) and ValueError naming the file when it is not a JSON object or lacks any of the
+    `required` top-level keys (default: all of schema.MANIFEST_FIELDS; callers that read only a
+    few keys pass those).
+    """
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} has no {MANIFEST}: not a shard folder, or sharding did not finish "
+            "(run `cxrfast shard mimic|chexpert --out` on it)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing} (see MANIFEST_FIELDS in shards/schema.py)")
+    return manifest
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -55,13 +83,13 @@ def prepare_output(out: Path, dataset: str, params: dict, *, overwrite: bool) ->
     man = out / MANIFEST
     if man.exists():
         try:
-            m = json.loads(man.read_text())
+            m = read_manifest(out, required=())
             if m.get("dataset") != dataset:
                 reasons.append(f"{man} is a manifest of dataset {m.get('dataset')!r}, not {dataset!r}")
             elif m.get("created_with") != params:
                 diff = sorted(k for k in set(params) | set(m.get("created_with") or {}) if params.get(k) != (m.get("created_with") or {}).get(k))
                 reasons.append(f"{man} was created with different parameters ({', '.join(diff)})")
-        except (json.JSONDecodeError, OSError) as e:
+        except (ValueError, OSError) as e:
             reasons.append(f"{man} is unreadable ({e})")
     prog = out / PROGRESS_DIR / PARAMS_FILE
     if prog.exists() and not man.exists():

@@ -1,6 +1,6 @@
 """What one worker process does: write one whole tar (+ DALI index) from its planned rows.
 
-Runs in worker processes forked from a forkserver (see `build._pool`); imports no polars.
+Runs in worker processes forked from a forkserver (see `cxrfast.shards.pool`); imports no polars.
 Per-process caches hold the report store and the tokenizer so they are opened once per worker.
 """
 
@@ -44,21 +44,28 @@ class TarTask:
     tokenizer: Path | None = None
 
 
-def warmup() -> None:
-    """Run once in the forkserver before it forks workers: one OpenCV thread per process (the
-    workers are the parallelism) and the numba loops compiled/loaded (~0.4 s per process)."""
-    import cv2
+_WARM = False
 
-    from cxrfast.shards.pixel_stats import window_16bit
+
+def warmup() -> None:
+    """Once per process (in the forkserver before it forks workers, again harmlessly in a worker
+    forked from a server that did not preload us): one OpenCV thread per process -- the workers
+    are the parallelism, OpenCV's own pool would oversubscribe the cores -- and the per-image
+    numba loop loaded from numba's cache. The 16-bit windowing loops load on first use."""
+    global _WARM
+    if _WARM:
+        return
+    import cv2
 
     cv2.setNumThreads(1)
     PixelHistogram().add(np.zeros((4, 4), np.uint8))
-    window_16bit(np.zeros((4, 4), np.uint16))
+    _WARM = True
 
 
-def ready() -> bool:
-    """A no-op task: submitting one per worker starts the processes early."""
-    return True
+def ready() -> int:
+    """A no-op task (its submission starts a worker process early); returns the worker's pid."""
+    warmup()
+    return os.getpid()
 
 
 def _tokenizer(path: Path):
@@ -87,6 +94,7 @@ def _image_path(root: Path, rel: str, image_ext: str) -> tuple[Path, str]:
 
 def write_tar(task: TarTask) -> dict:
     """Write `task.tar` and its index; return (and save under .progress/) the tar's done-record."""
+    warmup()
     t0, t_wall = time.perf_counter(), time.time()
     writer = IndexedTarWriter(task.out / task.tar, task.out / idx_name(task.tar))
     hist = PixelHistogram()

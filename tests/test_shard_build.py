@@ -320,3 +320,85 @@ def test_synthetic_16bit_png_mimic(tmp_path: Path) -> None:
         assert json.loads(mem["json"])["source_path"].endswith(".png")
         img = cv2.imdecode(np.frombuffer(mem["jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
         assert img.dtype == np.uint8 and max(img.shape) == 512 and img.std() > 20
+
+
+# --- sharding from any caller; dead workers --------------------------------------------------
+# The script a user writes: torch imported first, no `if __name__ == "__main__":` guard. Workers
+# must neither re-run it (a nested sharding run) nor import torch. The subprocess timeout is a
+# hang guard, not a timing assertion.
+_CALLER = """\
+import sys
+import torch  # noqa: F401  (the reported case: a process that imported torch first)
+from pathlib import Path
+from cxrfast.shards.build import shard_mimic
+from cxrfast.shards.worker import ready
+import cxrfast.shards.pool as pool
+
+raw, out = Path(sys.argv[1]), Path(sys.argv[2])
+s = shard_mimic(raw, raw / "mimic-cxr-reports.zip", out, workers=2, samples_per_tar=3, vocab_size=200)
+# A worker must not hold torch or the caller's main: check in a fresh pool, in the workers.
+with pool.WorkerPool(1) as p:
+    (_, probe), = p.map_unordered(pool._probe, [("probe", ("torch", "polars"))], in_flight=1)
+print("RESULT", s.samples, probe["imported"], probe["main"])
+"""
+
+
+@pytest.mark.parametrize("entry", ["script", "console_script", "python_c"])
+def test_sharding_works_from_any_caller_that_imported_torch(tmp_path: Path, entry: str) -> None:
+    raw = _tiny(tmp_path, studies=4)
+    out = tmp_path / "out"
+    script = tmp_path / "user_script.py"
+    script.write_text(_CALLER)
+    if entry == "script":
+        cmd = [sys.executable, str(script)]
+    elif entry == "console_script":  # the shape pip gives `cxrfast`: a guarded wrapper file without .py
+        (tmp_path / "wrapper").write_text(
+            f"#!{sys.executable}\nimport runpy, sys\nif __name__ == '__main__':\n"
+            f"    sys.exit(runpy.run_path({str(script)!r}, run_name='user_main') and 0)\n"
+        )
+        cmd = [sys.executable, str(tmp_path / "wrapper")]
+    else:
+        cmd = [sys.executable, "-c", _CALLER]
+    res = subprocess.run([*cmd, str(raw), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT")][-1]
+    # no torch or polars in the workers, the caller's main not replayed there
+    assert line == f"RESULT {_manifest(out)['counts']['samples_out']} [] None"
+    _assert_in_eq_out_plus_skipped(out)
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_a_dead_worker_is_a_clear_error_not_a_hang(how: str) -> None:
+    import os
+    import signal
+    import threading
+
+    from cxrfast.shards.pool import WorkerError, WorkerPool
+
+    fn, arg = (os._exit, 3) if how == "exit" else (signal.raise_signal, signal.SIGKILL)
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with WorkerPool(2) as p:
+                list(p.map_unordered(fn, [("train-000007.tar", arg)], in_flight=2))
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=120)  # hang guard
+    assert not t.is_alive(), "the pool hung after a worker died"
+    err = result[0]
+    assert isinstance(err, WorkerError), repr(err)
+    assert "train-000007.tar" in str(err) and "worker process died" in str(err)
+    assert ("exit code 3" if how == "exit" else "killed by SIGKILL") in str(err)
+
+
+def test_a_failing_task_names_the_tar_and_the_error() -> None:
+    from cxrfast.shards.pool import WorkerError, WorkerPool
+
+    with pytest.raises(WorkerError, match=r"val-000001\.tar failed: ValueError: invalid literal"):
+        with WorkerPool(1) as p:
+            list(p.map_unordered(int, [("val-000001.tar", "not a number")], in_flight=1))

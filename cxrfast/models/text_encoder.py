@@ -5,12 +5,14 @@ Shapes: B batch, L text length, H BERT width, V vocabulary size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from cxrfast.shards.manifest import read_manifest
+from cxrfast.shards.schema import MANIFEST
 
 FEATURE_AT = ("embeddings_out", "word_embeddings")
 
@@ -131,10 +133,8 @@ def text_kwargs_from_shards(shards: Path) -> dict[str, Any]:
     shard folder's manifest.json and tokenizer.json (the tokenizer the `ids.i32` were made with)."""
     from tokenizers import Tokenizer
 
-    manifest_path = Path(shards) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest.json (is {shards} a cxrfast shard folder?)")
-    tok_info = json.loads(manifest_path.read_text()).get("tokenizer")
+    manifest_path = Path(shards) / MANIFEST
+    tok_info = read_manifest(shards, required=("tokenizer",))["tokenizer"]
     if not tok_info:
         raise ValueError(f"{manifest_path}: 'tokenizer' is null: these shards carry no reports (e.g. CheXpert)")
     for key in ("file", "vocab_size", "special_ids"):

@@ -276,7 +276,7 @@ def _blob(c: _Canvas, rng: np.random.Generator, cx: float, cy: float, radius: fl
     return img / max(float(img.max()), 1e-6)
 
 
-def _devices(c: _Canvas, a: Anatomy, sev: float, rng: np.random.Generator, lateral: bool) -> np.ndarray:
+def _devices(c: _Canvas, a: Anatomy, rng: np.random.Generator, lateral: bool) -> np.ndarray:
     """Radio-opaque tubes, lines, leads and pacemakers (density, metal ~2); the caller scales it by severity."""
     d = c.zeros()
     kinds = list(
@@ -559,7 +559,7 @@ def _frontal_density(c: _Canvas, a: Anatomy, sev: np.ndarray, view: str, seed: i
             thick = c.line(c.zeros(), lx[seg] - s * 0.008, ly[seg], 0.014)
             dens += c.blur(thick, 0.004) * (0.45 * a.air * sev[PLEURAL_OTHER])
     if sev[DEVICES]:
-        dens += _devices(c, a, sev[DEVICES], _finding_rng(seed, DEVICES), lateral=False) * min(1.0, sev[DEVICES] * 1.2)
+        dens += _devices(c, a, _finding_rng(seed, DEVICES), lateral=False) * min(1.0, sev[DEVICES] * 1.2)
     return dens
 
 
@@ -698,7 +698,7 @@ def _lateral_density(c: _Canvas, a: Anatomy, sev: np.ndarray, view: str, seed: i
         sternum = c.blur(sternum, 0.003)
     dens += sternum * (2.0 * a.bone)
     if sev[DEVICES]:
-        dens += _devices(c, a, sev[DEVICES], _finding_rng(seed, DEVICES), lateral=True) * min(1.0, sev[DEVICES] * 1.2)
+        dens += _devices(c, a, _finding_rng(seed, DEVICES), lateral=True) * min(1.0, sev[DEVICES] * 1.2)
     return dens
 
 
@@ -812,9 +812,7 @@ def draw_radiograph(
     bits: int = 8,
 ) -> np.ndarray:
     """A full-resolution radiograph (uint8, or uint16 with bits=16) of `shape` (height, width)."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
     img = render(anatomy, labels, view, shape, seed=seed, sides=sides, pose=pose)
-    if bits == 8:
-        return upscale_8bit(img, shape, seed=seed)
-    if bits == 16:
-        return upscale_16bit(img, shape, seed=seed)
-    raise ValueError(f"bits must be 8 or 16, got {bits}")
+    return upscale_8bit(img, shape, seed=seed) if bits == 8 else upscale_16bit(img, shape, seed=seed)

@@ -70,7 +70,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, peak_lr: float, *, cuda
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], *, steps_per_epoch: int,
-                 world_size: int, cuda: bool) -> tuple[Any, float]:
+                 cuda: bool) -> tuple[Any, float]:
     """`deepspeed.initialize` with our AdamW + warmup/cosine, unless `ds_config` brings its own.
 
     Returns the engine and the peak learning rate.

@@ -7,13 +7,13 @@ at an epoch boundary reads exactly the batches the uninterrupted run would have 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxrfast.shards.manifest import read_manifest
 from cxrfast.shards.schema import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -34,24 +34,16 @@ def read_shards(root: Path, split: str) -> ShardInfo:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"shards folder {root} does not exist (build it with `cxrfast shard mimic|chexpert`)")
+    manifest = read_manifest(root, required=("dataset", "splits", "tokenizer"))
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"{root} has no {MANIFEST}: not a cxrfast shard folder, or sharding did not finish "
-            "(run `cxrfast shard mimic|chexpert --out` on it)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
-    splits = manifest.get("splits")
+    splits = manifest["splits"]
     if not isinstance(splits, dict):
-        raise ValueError(f"{manifest_path}: missing 'splits' (expected split -> list of tars)")
+        raise ValueError(f"{manifest_path}: 'splits' is a {type(splits).__name__}, expected split -> list of tars")
     counts = {name: sum(int(t["samples"]) for t in tars) for name, tars in splits.items()}
     if counts.get(split, 0) == 0:
         raise ValueError(f"{manifest_path}: split {split!r} has no samples (splits: {counts})")
-    return ShardInfo(root=root, dataset=str(manifest.get("dataset", "?")), split_samples=counts,
-                     tokenizer=manifest.get("tokenizer"))
+    return ShardInfo(root=root, dataset=str(manifest["dataset"]), split_samples=counts,
+                     tokenizer=manifest["tokenizer"])
 
 
 def text_model_kwargs(info: ShardInfo, recipe: str) -> dict[str, Any]:

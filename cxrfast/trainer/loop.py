@@ -10,6 +10,7 @@ makes a run resumed at an epoch boundary identical to an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ def train(
     from tqdm import tqdm
 
     device = engine.device
+    interactive = sys.stderr.isatty()
     meter = StepMeter(device)
     accum = data.accum
     batch_size = None
@@ -53,8 +55,11 @@ def train(
     for epoch in range(state.epoch, end_epoch):
         torch.manual_seed(epoch_seed(seed, epoch, rank))
         engine.train()
+        # The count advances every optimizer step (a host-side counter, no device sync); the
+        # loss postfix changes only on log steps, where `_log` has synced anyway. Without a
+        # terminal (a log file) the bar is redrawn at most every 30 s and kept at the epoch end.
         bar = tqdm(total=data.steps, desc=f"epoch {epoch + 1}/{end_epoch}", disable=rank != 0,
-                   mininterval=2.0, dynamic_ncols=True, leave=False)
+                   mininterval=0.5 if interactive else 30.0, dynamic_ncols=True, leave=not interactive)
         batches = data.epoch(epoch)
         throughput.restart()
         for micro in range(data.micro_batches):
@@ -79,7 +84,7 @@ def train(
             end_of_epoch = micro + 1 == data.micro_batches
             if state.step % log_every == 0 or end_of_epoch:
                 last_logged = _log(meter, throughput, metrics, state, lr, epoch + (micro + 1) / data.micro_batches)
-                bar.set_postfix(loss=f"{last_logged['loss']:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{last_logged['loss']:.4f}")  # redraws the bar
         bar.close()
         state.epoch = epoch + 1
         if checkpointer.due(state.epoch, last=state.epoch == end_epoch):

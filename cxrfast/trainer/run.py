@@ -54,8 +54,7 @@ def build(cfg: Config, shards: Path, ds_file: Path | None = None) -> Built:
         overfit_batches=cfg.data.overfit_batches,
     )
     flops = float(model.flops_per_image())
-    engine, peak_lr = build_engine(model, cfg, ds, steps_per_epoch=data.steps, world_size=world,
-                                   cuda=torch.cuda.is_available())
+    engine, peak_lr = build_engine(model, cfg, ds, steps_per_epoch=data.steps, cuda=torch.cuda.is_available())
     return Built(engine=engine, data=data, info=info, ds=ds, peak_lr=peak_lr, model_kwargs=kwargs,
                  flops_per_image=flops)
 
