@@ -16,9 +16,14 @@ BENCHMARKS: dict[str, str] = {
 
 def bench_cmd(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help=f"One of: {', '.join(BENCHMARKS)}. Pass --help after it for its options."),
+    name: str | None = typer.Argument(None, help=f"One of: {', '.join(BENCHMARKS)}."),
 ) -> None:
-    """Run a benchmark; it writes JSON + PNG under its --out and appends a row to bench/RESULTS.md."""
+    """Run a benchmark; it writes JSON + PNG under its --out and appends a row to bench/RESULTS.md.
+
+    `cxrfast bench NAME --help` lists NAME's own options."""
+    if name is None or name in ("-h", "--help"):
+        typer.echo(f"usage: cxrfast bench {{{','.join(BENCHMARKS)}}} [OPTIONS]\n\n{bench_cmd.__doc__}")
+        raise typer.Exit(0)
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
     module = importlib.import_module(BENCHMARKS[name])

@@ -19,7 +19,11 @@ app = typer.Typer(
 app.add_typer(synth_app, name="synth")
 app.add_typer(shard_app, name="shard")
 app.command("inspect")(inspect_cmd)
-app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench_cmd)
+app.command(
+    "bench",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(bench_cmd)
 
 
 @app.callback()
