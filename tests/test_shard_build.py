@@ -393,7 +393,9 @@ def test_a_dead_worker_is_a_clear_error_not_a_hang(how: str) -> None:
     err = result[0]
     assert isinstance(err, WorkerError), repr(err)
     assert "train-000007.tar" in str(err) and "worker process died" in str(err)
-    assert ("exit code 3" if how == "exit" else "killed by SIGKILL") in str(err)
+    # The forkserver reports a child's status over a socket; when that read races the pool's
+    # teardown, CPython's popen_forkserver.poll() records 255 ("status unknown") instead.
+    assert ("exit code 3" if how == "exit" else "killed by SIGKILL") in str(err) or "exit code 255" in str(err)
 
 
 def test_a_failing_task_names_the_tar_and_the_error() -> None:
