@@ -82,7 +82,8 @@ def bar_plot(out_dir: Path, name: str, labels: Sequence[str], values: Sequence[f
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 3.6))
-    bars = ax.bar(range(len(labels)), values, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"][: len(labels)] * 4)
+    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
+    bars = ax.bar(range(len(labels)), values, color=[palette[i % len(palette)] for i in range(len(labels))])
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_ylabel(ylabel)

@@ -10,17 +10,9 @@ from cxrfast.shards.jit import jit
 
 
 @jit
-def histogram_u8(img: np.ndarray, hist: np.ndarray) -> None:
-    """Add the 8-bit pixel counts of a 2-D uint8 image into `hist` (int64[256]), in place."""
-    h, w = img.shape
-    for y in range(h):
-        for x in range(w):
-            hist[img[y, x]] += 1
-
-
-@jit
-def histogram_u16(img: np.ndarray, hist: np.ndarray) -> None:
-    """Add the counts of a 2-D uint16 image into `hist` (int64[65536]), in place."""
+def histogram(img: np.ndarray, hist: np.ndarray) -> None:
+    """Add the pixel counts of a 2-D uint8 or uint16 image into `hist` (int64[256] or [65536]),
+    in place. numba compiles one specialisation per pixel dtype."""
     h, w = img.shape
     for y in range(h):
         for x in range(w):
@@ -77,7 +69,7 @@ def window_16bit(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> 
         raise ValueError(f"expected a 2-D uint16 image, got {img.dtype} {img.shape}")
     img = np.ascontiguousarray(img)
     hist = np.zeros(65536, dtype=np.int64)
-    histogram_u16(img, hist)
+    histogram(img, hist)
     lo, hi = percentile_bounds(hist, lo_pct, hi_pct)
     out = np.empty(img.shape, dtype=np.uint8)
     window_u16_to_u8(img, lo, hi, out)
@@ -95,7 +87,7 @@ class PixelHistogram:
     def add(self, img: np.ndarray) -> None:
         if img.dtype != np.uint8 or img.ndim != 2:
             raise ValueError(f"expected a 2-D uint8 image, got {img.dtype} {img.shape}")
-        histogram_u8(np.ascontiguousarray(img), self.counts)
+        histogram(np.ascontiguousarray(img), self.counts)
 
     def merge(self, other: PixelHistogram) -> None:
         self.counts += other.counts
