@@ -168,13 +168,24 @@ class WorkerPool:
             self._starter.join()
             self._pool.shutdown(wait=True)
             return
-        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        # The executor's live pid -> Process dict (shutdown() drops the executor's reference to
+        # it, the management thread keeps using it). Shut down first so that no submit -- e.g. the
+        # starter thread's, when the caller failed before wait_ready() -- can start a process
+        # after we looked; then terminate every worker. A worker killed while it waited on the
+        # call queue holds the queue's lock for good, so any worker left alive would block on it
+        # forever and hang the interpreter's exit: none may be missed.
+        procs_by_pid = getattr(self._pool, "_processes", None) or {}
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._starter.join(timeout=10)
+        procs = list(procs_by_pid.values())
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
     def __enter__(self) -> WorkerPool:
         return self

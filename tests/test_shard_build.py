@@ -404,3 +404,33 @@ def test_a_failing_task_names_the_tar_and_the_error() -> None:
     with pytest.raises(WorkerError, match=r"val-000001\.tar failed: ValueError: invalid literal"):
         with WorkerPool(1) as p:
             list(p.map_unordered(int, [("val-000001.tar", "not a number")], in_flight=1))
+
+
+_ABORT_RACE = """
+import time
+from cxrfast.shards.pool import WorkerPool
+from cxrfast.shards.worker import ready
+
+wp = WorkerPool(1)
+wp.wait_ready()
+time.sleep(0.5)  # worker A idles in the call queue's get(), holding the queue's read lock
+ex, real_shutdown = wp._pool, wp._pool.shutdown
+
+def shutdown(*a, **k):  # a submit lands inside close(abort=True), as the starter thread's can
+    ex._idle_worker_semaphore.acquire(blocking=False)
+    ex._max_workers = 2
+    ex.submit(ready)  # starts worker B
+    time.sleep(0.5)
+    return real_shutdown(*a, **k)
+
+ex.shutdown = shutdown
+wp.close(abort=True)
+"""
+
+
+def test_abort_terminates_a_worker_started_during_close() -> None:
+    # A caller that fails right after creating the pool (a missing CSV) aborts while the starter
+    # thread may still be submitting. A worker started then, and missed by the abort, blocks for
+    # good on the queue lock of a terminated worker, and the interpreter never exits.
+    proc = subprocess.run([sys.executable, "-c", _ABORT_RACE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
