@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cxrfast.shards.manifest import read_manifest
+from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def ensure_shards(out: Path, studies: int, raw_size: tuple[int, int], workers: i
     cache = out / "cache" / f"mimic_{studies}_{raw_size[0]}-{raw_size[1]}"
     shards = cache / "shards"
     if (shards / MANIFEST).is_file():
-        read_manifest(shards)  # a damaged cached folder fails here, naming the file
+        open_shards(shards)  # a damaged cached folder fails here, naming the file
         log.info("using cached shards %s", shards)
         return shards
     raw = cache / "raw"

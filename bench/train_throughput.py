@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrfast.bench.common import append_results_row, bar_plot, command_line, machine, write_json
-from cxrfast.shards.manifest import read_manifest
+from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def synthetic_shards(folder: Path, studies: int) -> Path:
 
     shards = folder / f"mimic_{studies}"
     if (shards / MANIFEST).is_file():
-        read_manifest(shards)  # a damaged cached folder fails here, naming the file
+        open_shards(shards)  # a damaged cached folder fails here, naming the file
         return shards
     raw = folder / f"mimic_raw_{studies}"
     cli = [sys.executable, "-m", "cxrfast.cli"]

@@ -9,8 +9,8 @@ from typing import Protocol
 
 import torch
 
-from cxrfast.pipelines.manifest import open_split, split_entries
 from cxrfast.pipelines.recipes import LoaderConfig, get_recipe
+from cxrfast.shards.folder import ShardFolder, open_shards
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def rank_share(samples: int, rank: int, world_size: int) -> int:
 
 
 def build_loader(
-    shards: Path,
+    shards: Path | str | ShardFolder,
     split: str,
     recipe: str,
     *,
@@ -93,13 +93,14 @@ def build_loader(
     image_size = image_size or r.image_size
     rank, world_size, local_rank = dist_env(rank, world_size)
     torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
+    folder = open_shards(shards)
+    if r.needs_text:
+        folder.require_text(f"recipe {recipe!r}")
 
     if backend == "synthetic":
         from cxrfast.pipelines.synthetic import SyntheticLoader
 
-        manifest, entries = split_entries(Path(shards), split, needs_text=r.needs_text, recipe=recipe)
-        total = sum(int(e["samples"]) for e in entries)
-        tok = manifest["tokenizer"]
+        total = sum(int(e["samples"]) for e in folder.entries(split))
         return SyntheticLoader(
             r,
             samples=rank_share(total, rank, world_size),
@@ -109,14 +110,14 @@ def build_loader(
             channels=channels,
             image_size=image_size,
             text_len=text_len,
-            vocab_size=None if tok is None else int(tok["vocab_size"]),
-            special_ids=None if tok is None else {k: int(v) for k, v in tok["special_ids"].items()},
+            vocab_size=folder.vocab_size,
+            special_ids=folder.special_ids if folder.has_text else None,
             seed=seed + rank,
             with_keys=with_keys,
             drop_last=drop_last,
         )
 
-    sp = open_split(Path(shards), split, needs_text=r.needs_text, recipe=recipe)
+    sp = folder.split(split)
     if mean is None or std is None:
         m, s = sp.pixel_stats
         mean, std = (m if mean is None else mean), (s if std is None else std)

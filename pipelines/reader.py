@@ -13,7 +13,7 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
-from cxrfast.pipelines.manifest import ShardSplit
+from cxrfast.shards.folder import ShardSplit
 from cxrfast.shards.schema import MEMBER_BY_EXT
 
 READER_NAME = "Reader"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cxrfast.pipelines.manifest import ShardSplit
+    from cxrfast.shards.folder import ShardSplit
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -350,17 +350,18 @@ def test_text_kwargs_from_shards(tmp_path: Path):
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "lung": 5, "##s": 6, "clear": 7, "##er": 8}
     Tokenizer(WordPiece(vocab, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     tok = {"file": "tokenizer.json", "vocab_size": len(vocab), "special_ids": SPECIAL}
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": tok}))
+    base = {"dataset": "mimic", "splits": {}, "pixel_stats": {"mean": 0.5, "std": 0.25}}
+    (tmp_path / "manifest.json").write_text(json.dumps({**base, "tokenizer": tok}))
     kw = text_kwargs_from_shards(tmp_path)
     assert kw["vocab_size"] == 9 and kw["special_ids"] == SPECIAL
     assert kw["wordpiece_continuation"].tolist() == [False] * 6 + [True, False, True]
     model = build_model("mrm_vit_tiny_test", **kw)
     assert model.text.config.vocab_size == 9
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": None}))
+    (tmp_path / "manifest.json").write_text(json.dumps({**base, "tokenizer": None}))
     with pytest.raises(ValueError, match="carry no reports"):
         text_kwargs_from_shards(tmp_path)
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         text_kwargs_from_shards(tmp_path / "nowhere")
 
 

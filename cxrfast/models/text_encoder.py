@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrfast.shards.manifest import read_manifest
-from cxrfast.shards.schema import MANIFEST
+from cxrfast.shards.folder import ShardFolder, open_shards
 
 FEATURE_AT = ("embeddings_out", "word_embeddings")
 
@@ -128,29 +127,13 @@ def wordpiece_continuation(vocab: dict[str, int], vocab_size: int | None = None)
     return out
 
 
-def text_kwargs_from_shards(shards: Path) -> dict[str, Any]:
+def text_kwargs_from_shards(shards: Path | ShardFolder) -> dict[str, Any]:
     """`vocab_size`, `special_ids` and `wordpiece_continuation` for an MRM model, read from a
     shard folder's manifest.json and tokenizer.json (the tokenizer the `ids.i32` were made with)."""
-    from tokenizers import Tokenizer
-
-    manifest_path = Path(shards) / MANIFEST
-    tok_info = read_manifest(shards, required=("tokenizer",))["tokenizer"]
-    if not tok_info:
-        raise ValueError(f"{manifest_path}: 'tokenizer' is null: these shards carry no reports (e.g. CheXpert)")
-    for key in ("file", "vocab_size", "special_ids"):
-        if key not in tok_info:
-            raise ValueError(f"{manifest_path}: tokenizer entry lacks {key!r} (has {sorted(tok_info)})")
-    special = {k: int(v) for k, v in tok_info["special_ids"].items()}
-    missing = {"pad", "unk", "cls", "sep", "mask"} - set(special)
-    if missing:
-        raise ValueError(f"{manifest_path}: tokenizer special_ids lacks {sorted(missing)}")
-    tok_path = Path(shards) / tok_info["file"]
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path}: tokenizer file named in {manifest_path} is missing")
-    vocab_size = int(tok_info["vocab_size"])
-    vocab = Tokenizer.from_file(str(tok_path)).get_vocab(with_added_tokens=True)
+    folder = open_shards(shards)
+    vocab_size = int(folder.tokenizer_info["vocab_size"])
     return {
         "vocab_size": vocab_size,
-        "special_ids": special,
-        "wordpiece_continuation": wordpiece_continuation(vocab, vocab_size),
+        "special_ids": folder.special_ids,
+        "wordpiece_continuation": wordpiece_continuation(folder.vocab, vocab_size),
     }

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrfast.shards.manifest import read_manifest
-from cxrfast.shards.schema import MANIFEST
+from cxrfast.shards.folder import open_shards
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +30,12 @@ class ShardInfo:
 
 def read_shards(root: Path, split: str) -> ShardInfo:
     """Check `root` holds shards with samples in `split`; raise an error naming what is missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"shards folder {root} does not exist (build it with `cxrfast shard mimic|chexpert`)")
-    manifest = read_manifest(root, required=("dataset", "splits", "tokenizer"))
-    manifest_path = root / MANIFEST
-    splits = manifest["splits"]
-    if not isinstance(splits, dict):
-        raise ValueError(f"{manifest_path}: 'splits' is a {type(splits).__name__}, expected split -> list of tars")
-    counts = {name: sum(int(t["samples"]) for t in tars) for name, tars in splits.items()}
+    folder = open_shards(root)
+    counts = folder.split_samples
     if counts.get(split, 0) == 0:
-        raise ValueError(f"{manifest_path}: split {split!r} has no samples (splits: {counts})")
-    return ShardInfo(root=root, dataset=str(manifest["dataset"]), split_samples=counts,
-                     tokenizer=manifest["tokenizer"])
+        raise ValueError(f"{folder.manifest_path}: split {split!r} has no samples (splits: {counts})")
+    return ShardInfo(root=folder.root, dataset=folder.dataset, split_samples=counts,
+                     tokenizer=folder.manifest["tokenizer"])
 
 
 def text_model_kwargs(info: ShardInfo, recipe: str) -> dict[str, Any]:
