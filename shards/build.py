@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import cxrfast
 from cxrfast.shards.manifest import (
+    file_sha256,
     load_finished,
     prepare_output,
     remove_stale,
@@ -31,10 +32,12 @@ from cxrfast.shards.pixel_stats import PixelHistogram
 from cxrfast.shards.plan import plan_digest, plan_tars
 from cxrfast.shards.pool import WorkerPool
 from cxrfast.shards.reports import ReportStore, parse_report
+from cxrfast.shards.sample_table import build_sample_table
 from cxrfast.shards.schema import (
     LABEL_NAMES,
     MANIFEST,
     MANIFEST_FIELDS,
+    SAMPLE_TABLE,
     SHARD_FORMAT_VERSION,
     SKIPPED,
     SPLITS,
@@ -217,6 +220,13 @@ def _run(
         for s in skipped_rows:
             f.write(json.dumps(s) + "\n")
     os.replace(tmp, skipped_path)
+    table = build_sample_table(planned, plans, {s["key"] for s in skipped_rows}, LABEL_NAMES)
+    if table.height != samples_out:
+        raise AssertionError(f"sample table has {table.height} rows, the tars {samples_out} samples")
+    table_path = out / SAMPLE_TABLE
+    tmp = table_path.with_name(SAMPLE_TABLE + ".tmp")
+    table.write_parquet(tmp, statistics=False)
+    os.replace(tmp, table_path)
     manifest = {
         "format_version": SHARD_FORMAT_VERSION,
         "dataset": dataset,
@@ -234,6 +244,7 @@ def _run(
         "skipped": dict(sorted(reasons.items())),
         "tokenizer": tok_entry,
         "pixel_stats": {"mean": mean, "std": std, "split": "train" if hist is hist_train else "all", "pixels": hist.pixels},
+        "sample_table": {"file": SAMPLE_TABLE, "rows": table.height, "sha256": file_sha256(table_path)},
     }
     assert tuple(manifest) == MANIFEST_FIELDS
     keep = {t[k] for ts in splits.values() for t in ts for k in ("tar", "idx")}

@@ -161,6 +161,34 @@ class ShardFolder:
             raise ValueError(f"{self.manifest_path}: no pixel_stats {{mean, std}}; pass mean= and std=")
         return float(stats["mean"]), float(stats["std"])
 
+    # --- sample table ----------------------------------------------------------------------
+    def sample_table(self):
+        """The sample table (`samples.parquet`) as a polars DataFrame: key, split, tar, subject_id,
+        study_id, image_id, view, sex, age, then one Int8 column per label name (see
+        `cxrfast.shards.sample_table`). ValueError naming the file when it is absent or does not
+        match the manifest."""
+        import polars as pl
+
+        from cxrfast.shards.sample_table import check_sample_table
+
+        entry = self.manifest.get("sample_table")
+        if not entry:
+            raise ValueError(
+                f"{self.manifest_path}: no sample table (shards written before the table was part of the format); "
+                "re-run `cxrfast shard ...` with this version to add it"
+            )
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: sample table named in {self.manifest_path} is missing")
+        table = pl.read_parquet(path)
+        check_sample_table(table, self.label_names, str(path))
+        if table.height != int(entry["rows"]) or table.height != sum(self.split_samples.values()):
+            raise ValueError(
+                f"{path}: {table.height} rows, but {self.manifest_path} lists {entry['rows']} rows and "
+                f"{sum(self.split_samples.values())} samples"
+            )
+        return table
+
     # --- splits ----------------------------------------------------------------------------
     def entries(self, split: str) -> list[dict[str, Any]]:
         """The manifest's tar entries of `split`; ValueError naming manifest.json for an unknown or empty split."""

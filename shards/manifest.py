@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxrfast.shards.schema import MANIFEST, MANIFEST_FIELDS, SKIPPED, TOKENIZER
+from cxrfast.shards.schema import MANIFEST, MANIFEST_FIELDS, SAMPLE_TABLE, SKIPPED, TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _clean(out: Path) -> None:
     for p in out.iterdir():
         if p.name == PROGRESS_DIR:
             shutil.rmtree(p)
-        elif p.name in (MANIFEST, TOKENIZER, SKIPPED) or _OUR_FILE.match(p.name) or p.name.endswith(".json.tmp"):
+        elif p.name in (MANIFEST, TOKENIZER, SKIPPED, SAMPLE_TABLE) or _OUR_FILE.match(p.name) or p.name.endswith(".json.tmp"):
             p.unlink()
 
 

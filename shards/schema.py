@@ -148,7 +148,13 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "skipped",
     "tokenizer",
     "pixel_stats",
+    "sample_table",  # {"file": "samples.parquet", "rows": int, "sha256": hex}
 )
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SKIPPED = "skipped.jsonl"
+SAMPLE_TABLE = "samples.parquet"
+#: The fixed leading columns of the sample table (then one Int8 column per label name).
+SAMPLE_TABLE_COLUMNS: tuple[str, ...] = (
+    "key", "split", "tar", "subject_id", "study_id", "image_id", "view", "sex", "age",
+)  # fmt: skip

@@ -434,3 +434,26 @@ def test_abort_terminates_a_worker_started_during_close() -> None:
     # good on the queue lock of a terminated worker, and the interpreter never exits.
     proc = subprocess.run([sys.executable, "-c", _ABORT_RACE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sample_table_lists_every_written_sample(mimic_shards: Path):
+    from cxrfast.shards.folder import open_shards
+    from cxrfast.shards.schema import LABEL_NAMES, SAMPLE_TABLE_COLUMNS
+
+    folder = open_shards(mimic_shards)
+    table = folder.sample_table()
+    assert table.columns == [*SAMPLE_TABLE_COLUMNS, *LABEL_NAMES]
+    assert table.height == sum(folder.split_samples.values())
+    for split, entries in folder.manifest["splits"].items():
+        for entry in entries:  # the table's keys per tar are the tar's keys, in tar order
+            keys = [name.split(".", 1)[0] for name in tarfile.open(mimic_shards / entry["tar"]).getnames()]
+            keys = list(dict.fromkeys(keys))
+            sub = table.filter(pl.col("tar") == entry["tar"])
+            assert sub["key"].to_list() == keys and set(sub["split"]) == {split}
+    # labels as written in the tars
+    first = folder.manifest["splits"]["train"][0]["tar"]
+    with tarfile.open(mimic_shards / first) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".labels.i8"))
+        codes = np.frombuffer(tf.extractfile(member).read(), dtype=np.int8).tolist()
+    row = table.filter(pl.col("key") == member.name.split(".", 1)[0])
+    assert [row[name][0] for name in LABEL_NAMES] == codes
