@@ -1,9 +1,10 @@
-"""Pre-training configuration: small kw-only dataclasses, `key=value` overrides, JSON out.
+"""Run configuration: small kw-only dataclasses, `key=value` overrides, JSON out.
 
-A run's config is a recipe (`cxrfast.recipes.RECIPES`) plus overrides from the command line.
-Override keys are `section.field` (`optim.blr=3e-4`) or a bare field name when it is unique
-across sections (`epochs=2`, `fused=false`); unknown keys and badly typed values are errors.
-Every dataclass validates itself in `__post_init__`, so an override is checked as it is applied.
+A run's config is a preset (`cxrfast.presets.PRESETS`) plus overrides from the command line. The
+method's own config dataclass nests under `method`. Override keys are dotted paths into the tree
+(`optim.lr=3e-4`, `method.mask_ratio=0.8`) or a bare field name when it is unique in the tree
+(`epochs=2`, `batch_size=8`); unknown keys and badly typed values are errors. Every dataclass
+validates itself in `__post_init__`, so an override is checked as it is applied.
 """
 
 from __future__ import annotations
@@ -17,36 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrfast.methods.base import MethodConfig
+
 BACKENDS = ("dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp32")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Which architecture to build and its pre-training switches."""
-
-    name: str  # architecture name in cxrfast.models.MODELS
-    mask_ratio: float  # share of image patches removed from the encoder input
-    norm_pix_loss: bool  # MAE loss on per-patch normalised pixels
-    fused: bool = True  # fused (Triton) masking/loss kernels; false = plain-PyTorch references
-    grad_checkpointing: bool = False  # activation checkpointing of the transformer blocks
-    compile: bool = False  # torch.compile each transformer block (CUDA)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-
-@dataclass(kw_only=True)
-class TextConfig:
-    """Report branch of image+text recipes (MRM); absent (None) for image-only recipes."""
-
-    mlm_prob: float = 0.5  # share of report words masked (whole-word masking)
-    mlm_all_positions: bool = False  # the published MRM code's MLM loss over all positions
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.mlm_prob < 1.0:
-            raise ValueError(f"text.mlm_prob must be in (0, 1), got {self.mlm_prob}")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("warmup_cosine", "step", "constant")
+SELECT = ("last", "best")
 
 
 @dataclass(kw_only=True)
@@ -72,49 +50,85 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with per-iteration linear warmup then cosine decay (the MAE recipe)."""
+    """Optimizer, learning rate rule and schedule (per-iteration, stepped by DeepSpeed)."""
 
     epochs: int  # length of the schedule in epochs
-    warmup_epochs: float  # linear warmup from 0, in epochs (fractions allowed)
-    blr: float  # base learning rate: lr = blr * global batch / 256
-    lr: float | None = None  # absolute learning rate; overrides blr when set
-    min_lr: float = 0.0  # floor of the cosine decay
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, tokens, pos-embeds)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float | None = None  # absolute peak learning rate; wins over blr when set
+    blr: float | None = None  # base learning rate: peak lr = blr * global batch / lr_batch_ref
+    lr_batch_ref: int = 256  # the batch size blr is quoted for (the linear scaling rule)
+    weight_decay: float = 0.05  # decoupled (AdamW) or L2 (Adam, SGD) weight decay, on the method's decay group
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam/AdamW betas
+    eps: float = 1e-8  # Adam/AdamW epsilon
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # SGD Nesterov momentum
     clip_grad: float = 0.0  # gradient-norm clipping threshold; 0 = off
+    schedule: str = "warmup_cosine"  # warmup_cosine | step | constant (each after the linear warmup)
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
+    min_lr: float = 0.0  # floor of the cosine decay
+    milestones: tuple[float, ...] = ()  # step schedule: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1  # step schedule factor
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"optim.epochs must be >= 1, got {self.epochs}")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr is None and self.blr is None:
+            raise ValueError("set optim.lr (absolute) or optim.blr (scaled by global batch / lr_batch_ref)")
+        for name in ("lr", "blr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"optim.{name} must be > 0, got {value}")
+        if self.lr_batch_ref < 1:
+            raise ValueError(f"optim.lr_batch_ref must be >= 1, got {self.lr_batch_ref}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"optim.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ValueError(f"learning rates must be > 0, got blr={self.blr} lr={self.lr}")
-        if self.min_lr < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise ValueError("optim.min_lr, weight_decay and clip_grad must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        if min(self.min_lr, self.weight_decay, self.clip_grad, self.eps) < 0:
+            raise ValueError("optim.min_lr, weight_decay, clip_grad and eps must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"optim.milestones must be increasing positive epochs, got {self.milestones}")
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("optim.schedule=step needs optim.milestones (epochs), e.g. milestones=120,160")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"optim.gamma must be in (0, 1], got {self.gamma}")
 
     def peak_lr(self, global_batch: int) -> float:
-        """The learning rate after warmup: `lr`, else `blr * global_batch / 256`."""
-        return self.lr if self.lr is not None else self.blr * global_batch / 256
+        """The learning rate after warmup: `lr`, else `blr * global_batch / lr_batch_ref`."""
+        if self.lr is not None:
+            return self.lr
+        assert self.blr is not None
+        return self.blr * global_batch / self.lr_batch_ref
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Batching, precision, DeepSpeed ZeRO, logging and checkpointing."""
+    """Batching, precision, DeepSpeed ZeRO, logging, checkpointing, validation and export."""
 
     batch_size: int  # micro-batch per rank (per GPU)
     global_batch_size: int | None = None  # images per optimizer step; None = batch_size x world size
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1 or 2
     precision: str = "bf16"  # bf16 (fp32 master weights in the optimizer) or fp32
-    seed: int = 0  # seeds the model init, the masking RNG and the data order
+    seed: int = 0  # seeds the model init, the per-step RNG and the data order
     log_every: int = 20  # optimizer steps between metric logs (the only host syncs)
+    ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps (mid-epoch); 0 = off
     ckpt_every_epochs: int = 20  # checkpoint every N epochs (and always at the end); 0 = only at the end
     ckpt_keep: int = 2  # keep the newest N checkpoints; 0 = keep all
     stop_after_epochs: int | None = None  # end this run after N epochs of the schedule (resume later)
-    export: bool = True  # write OUT/encoder.safetensors (timm ViT names) at the end
+    stop_after_steps: int | None = None  # end this run after N optimizer steps (mid-epoch; resume later)
+    grad_checkpointing: bool = False  # activation checkpointing (the method says where)
+    compile: bool = False  # torch.compile the method's compile targets (CUDA)
+    validate_every_epochs: int = 0  # validation loss on data.validate_split every N epochs; 0 = off
+    validate_split: str = "validate"  # the split validation runs on (never test)
+    early_stop_patience: int = 0  # stop after N validations without improvement; 0 = never
+    select: str = "last"  # exported encoder: last epoch, or best (lowest validation loss)
+    export: bool = True  # write OUT/encoder.safetensors (timm names) at the end
     peak_tflops: float | None = None  # accelerator peak for MFU when its name is not in the table
 
     def __post_init__(self) -> None:
@@ -128,10 +142,20 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.log_every < 1 or self.ckpt_every_epochs < 0 or self.ckpt_keep < 0:
-            raise ValueError("train.log_every must be >= 1; ckpt_every_epochs and ckpt_keep >= 0")
-        if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
-            raise ValueError(f"train.stop_after_epochs must be >= 1, got {self.stop_after_epochs}")
+        if self.log_every < 1 or min(self.ckpt_every_epochs, self.ckpt_every_steps, self.ckpt_keep) < 0:
+            raise ValueError("train.log_every must be >= 1; ckpt_every_epochs, ckpt_every_steps and ckpt_keep >= 0")
+        for name in ("stop_after_epochs", "stop_after_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {value}")
+        if self.validate_every_epochs < 0 or self.early_stop_patience < 0:
+            raise ValueError("train.validate_every_epochs and early_stop_patience must be >= 0")
+        if self.validate_split == "test":
+            raise ValueError("train.validate_split=test: selecting or stopping on the test split is refused; use validate")
+        if self.select not in SELECT:
+            raise ValueError(f"train.select must be one of {SELECT}, got {self.select!r}")
+        if (self.select == "best" or self.early_stop_patience) and not self.validate_every_epochs:
+            raise ValueError("train.select=best and train.early_stop_patience need train.validate_every_epochs >= 1")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
@@ -147,15 +171,14 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class Config:
-    """One pre-training run: a recipe name plus its sections."""
+class RunConfig:
+    """One pre-training run: the preset it started from, the method's config and the run's sections."""
 
-    recipe: str  # name in cxrfast.recipes.RECIPES this config started from
-    model: ModelConfig
+    preset: str  # name in cxrfast.presets.PRESETS this config started from
+    method: MethodConfig  # the method's own config (its class says which method)
     optim: OptimConfig
     train: TrainConfig
     data: DataConfig = field(default_factory=DataConfig)
-    text: TextConfig | None = None  # report branch (MRM); None for image-only recipes
 
     def __post_init__(self) -> None:
         if self.train.stop_after_epochs is not None and self.train.stop_after_epochs > self.optim.epochs:
@@ -163,8 +186,16 @@ class Config:
                 f"train.stop_after_epochs={self.train.stop_after_epochs} exceeds optim.epochs={self.optim.epochs}"
             )
 
+    @property
+    def method_name(self) -> str:
+        from cxrfast.methods import method_for_config
+
+        return method_for_config(self.method).name
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method_name, **out["method"]}
+        return out
 
     def save_json(self, path: Path, **extra: Any) -> Path:
         """Write the resolved config (plus `extra`, e.g. world size, lr) to `path` atomically."""
@@ -175,43 +206,54 @@ class Config:
         return path
 
 
-SECTIONS: tuple[str, ...] = ("model", "text", "data", "optim", "train")
-
-
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    out = {}
-    for name in SECTIONS:
-        tp = hints[name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        out[name] = args[0] if args else tp
+# --- overrides -------------------------------------------------------------------------------
+def _leaves(obj: Any, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """Every dataclass leaf under `obj`: dotted path -> (owning dataclass instance, field name)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = (obj, f.name)
     return out
 
 
-def field_index() -> dict[str, tuple[str, str]]:
-    """Every accepted override key -> (section, field): `section.field` and unique bare names."""
-    index: dict[str, tuple[str, str]] = {}
+def override_keys(cfg: Any) -> dict[str, str]:
+    """Every accepted override key of `cfg` -> its dotted path (dotted paths and unique bare names)."""
+    paths = [p for p in _leaves(cfg) if p != "preset"]
+    index = {p: p for p in paths}
     bare: dict[str, list[str]] = {}
-    for section, cls in _section_types().items():
-        for f in dataclasses.fields(cls):
-            index[f"{section}.{f.name}"] = (section, f.name)
-            bare.setdefault(f.name, []).append(section)
-    for name, sections in bare.items():
-        if len(sections) == 1:
-            index[name] = (sections[0], name)
+    for p in paths:
+        bare.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    for name, where in bare.items():
+        if len(where) == 1 and name not in index:
+            index[name] = where[0]
     return index
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _parse_value(key: str, text: str, tp: Any) -> Any:
-    """Parse `text` as the annotated type `tp` (bool, int, float, str, or `X | None`)."""
+def parse_value(key: str, text: str, tp: Any) -> Any:
+    """Parse `text` as the annotated type `tp`: bool, int, float, str, `X | None`, tuple[X, ...]."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if text.lower() in ("none", "null"):
             return None
         tp = args[0]
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        item = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(parse_value(key, p, item) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"override {key}={text!r}: expected {len(args)} comma-separated values")
+        return tuple(parse_value(key, p, a) for p, a in zip(parts, args, strict=True))
     try:
         if tp is bool:
             low = text.lower()
@@ -229,21 +271,28 @@ def _parse_value(key: str, text: str, tp: Any) -> Any:
     raise TypeError(f"override {key}: unsupported field type {tp!r}")
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Return a copy of `cfg` with `key=value` overrides applied and validated."""
-    index = field_index()
-    changes: dict[str, dict[str, Any]] = {}
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    """A copy of dataclass `obj` with the leaf at `path` set (every level re-validated)."""
+    name = path[0]
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{name: value})
+    return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value)})
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Return a copy of the dataclass tree `cfg` with `key=value` overrides applied and validated."""
+    index = override_keys(cfg)
+    leaves = _leaves(cfg)
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
         if key not in index:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(index))}")
-        section, name = index[key]
-        if getattr(cfg, section) is None:
-            raise ValueError(f"override {key!r}: recipe {cfg.recipe!r} has no {section!r} section")
-        hints = typing.get_type_hints(type(getattr(cfg, section)))
-        changes.setdefault(section, {})[name] = _parse_value(key, value.strip(), hints[name])
-    sections = {s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in changes.items()}
-    return dataclasses.replace(cfg, **sections)
+        path = index[key]
+        owner, name = leaves[path]
+        hints = typing.get_type_hints(type(owner))
+        cfg = _replace_path(cfg, path.split("."), parse_value(key, text.strip(), hints[name]))
+        leaves = _leaves(cfg)
+    return cfg

@@ -1,0 +1,68 @@
+"""Named pre-training runs (presets) with the published hyperparameters (see docs/recipes.md).
+
+- MAE-CXR (Xiao et al., arXiv 2210.12843; lambert-x/medical_mae PRETRAIN.md): mask 0.90, no
+  norm-pix loss, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05, AdamW (0.9, 0.95), 8 GPUs x 256
+  = global batch 2048.
+- MRM (Zhou et al., ICLR 2023; RL4M/MRM-pytorch run.sh): mask 0.75, norm-pix loss, 200 epochs,
+  40 warmup, blr 1.5e-4, wd 0.05, 4 GPUs x 32 x 2 accumulation = global batch 256; 50% MLM.
+  The micro-batch here is 64 (the 12 GB-per-card goal); accumulation follows from the world size.
+- tiny_mae / tiny_mrm: test-sized models for CPU tests and the README demo.
+
+`lr = blr * global batch / 256` is resolved at start-up, once the world size is known.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from cxrfast.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from cxrfast.methods.mae import MAEMethodConfig
+from cxrfast.methods.mrm import MRMMethodConfig
+
+_MAE_OPTIM = dict(name="adamw", blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), schedule="warmup_cosine")
+_TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+_TINY_TRAIN = dict(batch_size=4, log_every=2, ckpt_every_epochs=0)
+
+PRESETS: dict[str, RunConfig] = {
+    "mae_cxr_vits": RunConfig(
+        preset="mae_cxr_vits",
+        method=MAEMethodConfig(arch="mae_vit_small_patch16", mask_ratio=0.90, norm_pix_loss=False, pixel_norm="shards"),
+        optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
+        train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
+    ),
+    "mae_cxr_vitb": RunConfig(
+        preset="mae_cxr_vitb",
+        method=MAEMethodConfig(arch="mae_vit_base_patch16", mask_ratio=0.90, norm_pix_loss=False, pixel_norm="shards"),
+        optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
+        train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
+    ),
+    "mrm_vitb": RunConfig(
+        preset="mrm_vitb",
+        method=MRMMethodConfig(arch="mrm_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True, mlm_prob=0.5,
+                               pixel_norm="shards"),
+        optim=OptimConfig(epochs=200, warmup_epochs=40, **_MAE_OPTIM),
+        train=TrainConfig(batch_size=64, global_batch_size=256, ckpt_every_epochs=20),
+    ),
+    "tiny_mae": RunConfig(
+        preset="tiny_mae",
+        method=MAEMethodConfig(arch="mae_vit_tiny_test", mask_ratio=0.75, norm_pix_loss=True, pixel_norm="shards"),
+        data=DataConfig(num_threads=2),
+        optim=OptimConfig(**_TINY_OPTIM),
+        train=TrainConfig(**_TINY_TRAIN),
+    ),
+    "tiny_mrm": RunConfig(
+        preset="tiny_mrm",
+        method=MRMMethodConfig(arch="mrm_vit_tiny_test", mask_ratio=0.75, norm_pix_loss=True, mlm_prob=0.5,
+                               pixel_norm="shards"),
+        data=DataConfig(num_threads=2),
+        optim=OptimConfig(**_TINY_OPTIM),
+        train=TrainConfig(**_TINY_TRAIN),
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh copy of the named preset (callers may change it freely)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
