@@ -74,6 +74,8 @@ class StepContext:
     steps_per_epoch: int
     rank: int
     world_size: int
+    global_batch: int  # samples per optimizer step over all ranks (micro-batch x accumulation x world size)
+    accumulation: int  # micro-batches per optimizer step on each rank
     engine: Any = field(default=None, repr=False)  # the DeepSpeed engine (e.g. for fp32 master weights)
 
 
@@ -135,6 +137,10 @@ class Method(nn.Module, abc.ABC):
     def compile_targets(self) -> list[nn.Module]:
         """Submodules `train.compile=true` compiles in place (state-dict names unchanged)."""
         return []
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        """Called on every rank once the engine is built (and after a resume), before any batch:
+        check the run's geometry (e.g. a queue the global batch must divide) and raise ValueError."""
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         """Called on every rank before the first micro-batch of each epoch (also on resume)."""
