@@ -1,16 +1,16 @@
 """`cxrfast bench train`: pre-training throughput of the real trainer path (DeepSpeed engine,
-recipe model, `build_loader` data) per recipe, with its variants measured in the same run.
+preset's method, `build_loader` data) per preset, with its variants measured in the same run.
 
-Per configuration: images/s, achieved TFLOP/s and MFU (FLOPs from `model.flops_per_image()`:
+Per configuration: images/s, achieved TFLOP/s and MFU (FLOPs from `method.flops_per_image()`:
 encoder on visible tokens, decoder on all; peak from the GPU-name table), peak GPU memory and the
-data-wait share of the step time. Variants per recipe: DALI data (the baseline), synthetic data
+data-wait share of the step time. Variants per preset: DALI data (the baseline), synthetic data
 (model speed alone), unfused kernels (plain-PyTorch references), and with `--compile` the
-torch.compile'd blocks. `--find-max-batch` finds the largest micro-batch whose training steps fit
+torch.compile'd compile targets. `--find-max-batch` finds the largest micro-batch whose training steps fit
 in `--memory-limit-gb` (the allocator is capped there, as on a 12 GB card).
 
-    cxrfast bench train                                   # CPU: tiny recipes; CUDA: mae_cxr_vitb, mrm_vitb
-    cxrfast bench train --recipes mrm_vitb --shards shards/mimic --compile
-    cxrfast bench train --find-max-batch --memory-limit-gb 12 --recipes mrm_vitb
+    cxrfast bench train                                   # CPU: tiny presets; CUDA: mae_cxr_vitb, mrm_vitb
+    cxrfast bench train --presets mrm_vitb --shards data/shards/mimic --compile
+    cxrfast bench train --find-max-batch --memory-limit-gb 12 --presets mrm_vitb
 
 Without --shards a synthetic MIMIC-layout dataset is generated and sharded under OUT/_shards.
 Protocol: `--warmup` untimed steps, then `--repeats` timed windows of `--steps` steps; medians.
@@ -44,21 +44,21 @@ TARGETS = {
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cxrfast bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", help="comma-separated recipe names (default: by device)")
+    p.add_argument("--presets", help="comma-separated preset names (default: by device)")
     p.add_argument("--shards", type=Path, help="shard folder (default: synthesize one under OUT/_shards)")
     p.add_argument("--synth-studies", type=int, help="studies to synthesize without --shards (default 60 CPU, 600 CUDA)")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
-    p.add_argument("--batch-size", type=int, help="micro-batch per step (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="micro-batch per step (default: the preset's)")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default 20 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2 CPU, 10 CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", default="dali,synthetic", help="data backends to measure (first = baseline)")
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused-kernel variant")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd blocks (CUDA)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd compile targets (CUDA)")
     p.add_argument("--find-max-batch", action="store_true", help="search the largest micro-batch within the limit")
     p.add_argument("--memory-limit-gb", type=float, default=12.0, help="GiB cap for --find-max-batch")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override (repeatable), e.g. --set zero_stage=1")
+                   help="extra preset override (repeatable), e.g. --set zero_stage=1")
     p.add_argument("--no-results-row", action="store_true", help="do not append to bench/RESULTS.md")
     return p.parse_args(argv)
 
@@ -82,12 +82,12 @@ def synthetic_shards(folder: Path, studies: int) -> Path:
     return shards
 
 
-def _config(recipe: str, overrides: list[str]):
+def _config(preset: str, overrides: list[str]):
     from cxrfast.config import apply_overrides
-    from cxrfast.recipes import get_recipe
+    from cxrfast.presets import get_preset
 
     # One micro-batch per optimizer step; no checkpoints or export in a benchmark.
-    return apply_overrides(get_recipe(recipe), ["global_batch_size=none", "export=false", *overrides])
+    return apply_overrides(get_preset(preset), ["global_batch_size=none", "export=false", *overrides])
 
 
 def _release(engine: Any = None) -> None:
@@ -105,6 +105,7 @@ def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict
     """Median images/s etc. of `repeats` windows of `steps` optimizer steps after `warmup` steps."""
     import torch
 
+    from cxrfast.methods.base import StepContext
     from cxrfast.trainer.metrics import peak_tflops
     from cxrfast.trainer.run import build
 
@@ -113,6 +114,10 @@ def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict
     engine, data = built.engine, built.data
     micro = built.ds["train_micro_batch_size_per_gpu"]
     accum = built.ds["gradient_accumulation_steps"]
+    ctx = StepContext(step=0, epoch=0, epochs=cfg.optim.epochs, steps_per_epoch=data.steps, rank=0, world_size=1,
+                      global_batch=built.ds["train_batch_size"], accumulation=accum, engine=engine)
+    engine.module.on_train_start(ctx)
+    engine.module.on_epoch_start(ctx)
 
     stream = data.stream()
 
@@ -127,6 +132,9 @@ def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
+            if engine.is_gradient_accumulation_boundary():
+                ctx.step += 1
+                engine.module.after_optimizer_step(ctx)  # e.g. MoCo's momentum update and queue
         float(out["loss"])  # one host sync per window
         return time.perf_counter() - t0, wait
 
@@ -143,7 +151,8 @@ def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict
     tflops = images_per_s * built.flops_per_image / 1e12
     peak = cfg.train.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     result = {
-        "recipe": cfg.recipe, "backend": cfg.data.backend, "fused": cfg.model.fused, "compile": cfg.model.compile,
+        "preset": cfg.preset, "method": cfg.method_name, "backend": cfg.data.backend,
+        "fused": getattr(cfg.method, "fused", None), "compile": cfg.train.compile,
         "micro_batch": micro, "images_per_s": images_per_s, "images_per_s_repeats": ips,
         "data_wait_share": statistics.median(waits), "gflops_per_image": built.flops_per_image / 1e9,
         "tflops": tflops, "mfu": tflops / peak if peak else None,
@@ -168,7 +177,7 @@ def fits(cfg, shards: Path, steps: int = 3) -> tuple[bool, float | None]:
         return False, None
 
 
-def find_max_batch(recipe: str, shards: Path, limit_gib: float, overrides: list[str]) -> dict[str, Any]:
+def find_max_batch(preset: str, shards: Path, limit_gib: float, overrides: list[str]) -> dict[str, Any]:
     """Largest micro-batch (multiple of 8) whose steps fit in `limit_gib` GiB on this GPU."""
     import torch
 
@@ -179,7 +188,7 @@ def find_max_batch(recipe: str, shards: Path, limit_gib: float, overrides: list[
     tried: dict[int, float | None] = {}
 
     def trial(bs: int) -> bool:
-        ok, peak = fits(_config(recipe, [*overrides, f"batch_size={bs}", "data.backend=synthetic"]), shards)
+        ok, peak = fits(_config(preset, [*overrides, f"batch_size={bs}", "data.backend=synthetic"]), shards)
         tried[bs] = peak if ok else None
         log.info("micro-batch %d: %s", bs, f"fits, peak {peak:.2f} GiB" if ok else "out of memory")
         return ok
@@ -197,7 +206,7 @@ def find_max_batch(recipe: str, shards: Path, limit_gib: float, overrides: list[
             hi = mid
     if 64 not in tried:
         trial(64)
-    return {"recipe": recipe, "memory_limit_gib": limit_gib, "max_micro_batch": lo,
+    return {"preset": preset, "memory_limit_gib": limit_gib, "max_micro_batch": lo,
             "fits_micro_batch_64": tried.get(64) is not None, "peak_reserved_gib_by_batch": tried}
 
 
@@ -209,7 +218,7 @@ def main(argv: list[str]) -> int:
     from cxrfast.trainer import distributed
 
     cuda = torch.cuda.is_available()
-    recipes = args.recipes.split(",") if args.recipes else (["mae_cxr_vitb", "mrm_vitb"] if cuda else ["tiny_mae", "tiny_mrm"])
+    presets = args.presets.split(",") if args.presets else (["mae_cxr_vitb", "mrm_vitb"] if cuda else ["tiny_mae", "tiny_mrm"])
     steps = args.steps or (30 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     shards = args.shards or synthetic_shards(args.out / "_shards", args.synth_studies or (600 if cuda else 60))
@@ -221,18 +230,18 @@ def main(argv: list[str]) -> int:
         results: dict[str, Any] = {"machine": machine(), "command": command_line(["train", *argv]), "targets": TARGETS,
                                    "shards": str(shards), "runs": [], "max_batch": []}
         if args.find_max_batch:
-            for recipe in recipes:
-                results["max_batch"].append(find_max_batch(recipe, shards, args.memory_limit_gb, extra))
+            for preset in presets:
+                results["max_batch"].append(find_max_batch(preset, shards, args.memory_limit_gb, extra))
         else:
-            for recipe in recipes:
+            for preset in presets:
                 variants = [[f"data.backend={b}"] for b in backends]
-                if not args.no_unfused:
-                    variants.append([f"data.backend={backends[0]}", "fused=false"])
+                if not args.no_unfused and hasattr(_config(preset, []).method, "fused"):
+                    variants.append([f"data.backend={backends[0]}", "method.fused=false"])
                 if args.compile:
                     variants.append([f"data.backend={backends[0]}", "compile=true"])
                 for v in variants:
-                    r = measure(_config(recipe, [*extra, *v]), shards, steps=steps, warmup=warmup, repeats=args.repeats)
-                    log.info("%s %s: %.1f images/s, %.1f%% data wait, %.3g TFLOP/s", recipe, " ".join(v),
+                    r = measure(_config(preset, [*extra, *v]), shards, steps=steps, warmup=warmup, repeats=args.repeats)
+                    log.info("%s %s: %.1f images/s, %.1f%% data wait, %.3g TFLOP/s", preset, " ".join(v),
                              r["images_per_s"], 100 * r["data_wait_share"], r["tflops"])
                     results["runs"].append(r)
                     gc.collect()
@@ -242,18 +251,18 @@ def main(argv: list[str]) -> int:
     path = write_json(args.out, NAME, results)
     numbers = []
     if results["runs"]:
-        labels = [f"{r['recipe']}\n{r['backend']}{'' if r['fused'] else ' unfused'}{' compile' if r['compile'] else ''}"
+        labels = [f"{r['preset']}\n{r['backend']}{' unfused' if r['fused'] is False else ''}{' compile' if r['compile'] else ''}"
                   for r in results["runs"]]
         bar_plot(args.out, NAME, labels, [r["images_per_s"] for r in results["runs"]], ylabel="images/s",
                  title=f"pre-training throughput ({'GPU' if cuda else 'CPU'}, 1 process)")
         for r in results["runs"]:
             mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""
             mem = f", {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else ""
-            numbers.append(f"{r['recipe']} {r['backend']}{'' if r['fused'] else ' unfused'}"
+            numbers.append(f"{r['preset']} {r['backend']}{' unfused' if r['fused'] is False else ''}"
                            f"{' compile' if r['compile'] else ''} b{r['micro_batch']}: {r['images_per_s']:.1f} img/s, "
                            f"{r['tflops']:.3g} TFLOP/s{mfu}{mem}, wait {100 * r['data_wait_share']:.0f}%")
     for m in results["max_batch"]:
-        numbers.append(f"{m['recipe']} max micro-batch in {m['memory_limit_gib']:g} GiB: {m['max_micro_batch']}"
+        numbers.append(f"{m['preset']} max micro-batch in {m['memory_limit_gib']:g} GiB: {m['max_micro_batch']}"
                        f" (64 fits: {m['fits_micro_batch_64']})")
     summary = "; ".join(numbers)
     if not args.no_results_row:

@@ -26,6 +26,19 @@ app.command(
 )(bench_cmd)
 
 
+@app.command(
+    "train",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def train_cmd(ctx: typer.Context) -> None:
+    """Pre-train a preset (single process; several ranks: `deepspeed --module cxrfast.train ...`).
+    `cxrfast train --help` lists the options."""
+    from cxrfast.train import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     """cxrfast: shard chest X-ray datasets, load them with DALI, pre-train with DeepSpeed."""

@@ -271,18 +271,24 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
     raise TypeError(f"override {key}: unsupported field type {tp!r}")
 
 
-def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
-    """A copy of dataclass `obj` with the leaf at `path` set (every level re-validated)."""
-    name = path[0]
-    if len(path) == 1:
-        return dataclasses.replace(obj, **{name: value})
-    return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value)})
+def _rebuild(obj: Any, changes: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of dataclass `obj` with every change under `prefix` applied; each changed dataclass
+    is rebuilt once with all its changes (so validation sees the final values together)."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        path = f"{prefix}{f.name}"
+        if path in changes:
+            kwargs[f.name] = changes[path]
+        elif any(p.startswith(path + ".") for p in changes):
+            kwargs[f.name] = _rebuild(getattr(obj, f.name), changes, path + ".")
+    return dataclasses.replace(obj, **kwargs) if kwargs else obj
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Return a copy of the dataclass tree `cfg` with `key=value` overrides applied and validated."""
     index = override_keys(cfg)
     leaves = _leaves(cfg)
+    changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -292,7 +298,5 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(index))}")
         path = index[key]
         owner, name = leaves[path]
-        hints = typing.get_type_hints(type(owner))
-        cfg = _replace_path(cfg, path.split("."), parse_value(key, text.strip(), hints[name]))
-        leaves = _leaves(cfg)
-    return cfg
+        changes[path] = parse_value(key, text.strip(), typing.get_type_hints(type(owner))[name])
+    return _rebuild(cfg, changes)

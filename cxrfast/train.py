@@ -1,9 +1,11 @@
-"""Pre-train a recipe under DeepSpeed ZeRO.
+"""Pre-train a preset under DeepSpeed ZeRO.
 
-    deepspeed [--num_gpus N | --hostfile H] cxrfast/train.py --recipe mrm_vitb --shards shards/mimic --out runs/mrm
-    python cxrfast/train.py --recipe tiny_mrm --shards shards/mimic --out runs/demo epochs=2
+    cxrfast train --preset tiny_mrm --shards data/shards/mimic --out runs/demo epochs=2
+    deepspeed --num_gpus 4 --module cxrfast.train --preset mrm_vitb --shards data/shards/mimic --out runs/mrm
+    deepspeed --num_gpus 4 cxrfast/train.py --preset mrm_vitb ...          (from a source checkout)
 
-Trailing `key=value` arguments override the recipe (`cxrfast.config`). OUT receives config.json,
+Trailing `key=value` arguments override the preset (`cxrfast.config`: dotted paths such as
+`method.mask_ratio=0.8` or unique bare names such as `epochs=2`). OUT receives config.json,
 metrics.jsonl, tb/ (TensorBoard), checkpoints/ and encoder.safetensors.
 """
 
@@ -22,29 +24,31 @@ log = logging.getLogger("cxrfast.train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from cxrfast.recipes import RECIPES
+    from cxrfast.presets import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p = argparse.ArgumentParser(prog="cxrfast train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="named run (cxrfast.presets)")
     p.add_argument("--shards", required=True, type=Path, help="shard folder (with manifest.json)")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--data", choices=("dali", "torch", "synthetic"), help="data backend (= data.backend=...)")
-    p.add_argument("--no-fused", action="store_true", help="plain-PyTorch kernels (= fused=false)")
+    p.add_argument("--no-fused", action="store_true", help="plain-PyTorch kernels (= method.fused=false)")
     p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON merged over the generated settings")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
-    p.add_argument("--resume-from", type=Path, metavar="CKPT_DIR", help="continue from the latest checkpoint in CKPT_DIR")
+    p.add_argument("--resume-from", type=Path, metavar="CKPT",
+                   help="continue from a checkpoints folder (its latest) or one checkpoint folder in it")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is used)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=2 optim.blr=3e-4")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. epochs=2 optim.blr=3e-4")
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace):
     from cxrfast.config import apply_overrides
-    from cxrfast.recipes import get_recipe
+    from cxrfast.presets import get_preset
 
     extra = [f"data.backend={args.data}"] if args.data else []
-    extra += ["model.fused=false"] if args.no_fused else []
-    return apply_overrides(get_recipe(args.recipe), list(args.overrides) + extra)
+    extra += ["method.fused=false"] if args.no_fused else []
+    return apply_overrides(get_preset(args.preset), list(args.overrides) + extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cxrfast.trainer import distributed
+    from cxrfast.trainer.checkpoint import CheckpointError
+    from cxrfast.trainer.metrics import NonFiniteLoss
     from cxrfast.trainer.run import run
 
     distributed.init()
     try:
         run(cfg, shards=args.shards, out=args.out, ds_file=args.deepspeed_config,
             resume=args.resume_from or (args.out / "checkpoints" if args.resume else None))
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:  # the same on every rank
+        log.error("%s: %s", type(e).__name__, e)
+        return 1
     finally:
         distributed.teardown()
     return 0

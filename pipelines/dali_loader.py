@@ -38,6 +38,8 @@ class DaliLoader:
         device_id: int | None,
         out_dtype: torch.dtype,
         drop_last: bool = False,
+        checkpointing: bool = False,
+        checkpoint: bytes | None = None,
     ) -> None:
         self.cfg = cfg
         self.batch_size = batch_size
@@ -51,6 +53,8 @@ class DaliLoader:
             device_id=device_id,
             seed=cfg.seed + cfg.rank,
             prefetch_queue_depth=2,
+            enable_checkpointing=checkpointing,
+            checkpoint=checkpoint,
         )
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
@@ -78,6 +82,11 @@ class DaliLoader:
         n, w = int(meta["epoch_size"]), int(meta["number_of_shards"])
         part = int(meta["shard_id"]) if meta["stick_to_shard"] else (int(meta["shard_id"]) + self._epoch) % w
         return (part + 1) * n // w - part * n // w
+
+    def state(self) -> bytes:
+        """DALI's checkpoint of the batches consumed so far (reader position, random generators);
+        `build_loader(..., checkpoint=state)` continues from there. Needs `checkpointing=True`."""
+        return self._iterator.checkpoints()[0]
 
     def __iter__(self) -> Iterator[dict]:
         for out in self._iterator:  # auto_reset: the iterator rewinds itself at the end of the epoch

@@ -65,6 +65,8 @@ def build_loader(
     image_size: int | None = None,
     with_keys: bool = False,
     drop_last: bool = False,
+    checkpointing: bool = False,
+    checkpoint: bytes | None = None,
 ) -> Loader:
     """Batches of `split` of the shard folder `shards`, augmented by `recipe`, as dicts of tensors.
 
@@ -73,6 +75,9 @@ def build_loader(
     device: "gpu" | "cpu" (default "gpu" when CUDA is available). num_threads: DALI CPU threads,
     or DataLoader workers for the torch backend. drop_last: full batches only (else the last
     batch of an epoch is partial and every sample is seen exactly once per epoch across ranks).
+    checkpointing: the DALI backend can report its position (`loader.state()`, DALI's pipeline
+    checkpoint: reader position and every random generator); `checkpoint` restores such a state,
+    so the loader continues exactly where the saved one stopped.
     """
     r = get_recipe(recipe)
     if backend not in BACKENDS:
@@ -139,7 +144,14 @@ def build_loader(
 
     cfg = GraphConfig(device=device, dtype=_DTYPES[dtype], **common)
     log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", recipe, device, rank, world_size, sp.samples)
+    share = rank_share(sp.samples, rank, world_size)
+    if drop_last and share < batch_size:
+        raise ValueError(
+            f"{folder.root}: split {split!r} gives rank {rank} of {world_size} {share} samples, fewer than one "
+            f"batch of {batch_size} (full batches only); use a smaller batch size or fewer ranks"
+        )
     return DaliLoader(
         cfg, batch_size=batch_size, num_threads=num_threads, device_id=local_rank if device == "gpu" else None,
-        out_dtype=dtype, drop_last=drop_last,
+        out_dtype=dtype, drop_last=drop_last, checkpointing=checkpointing or checkpoint is not None,
+        checkpoint=checkpoint,
     )

@@ -17,12 +17,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 import cxrfast
 from cxrfast.models.base import PretrainModel
+
+if TYPE_CHECKING:
+    from cxrfast.methods.base import EncoderExport
 
 log = logging.getLogger(__name__)
 
@@ -38,39 +41,47 @@ def _unwrap(model: nn.Module) -> PretrainModel:
 
 
 def export_encoder(model: nn.Module, path: str | Path) -> Path:
-    """Write the encoder of `model` to `path` (a `.safetensors` file, or a folder that gets
-    `encoder.safetensors`) through a temp name + rename; returns the file written.
+    """Write the encoder of a `PretrainModel` (or a wrapper of one) to `path` (a `.safetensors`
+    file, or a folder that gets `encoder.safetensors`); returns the file written."""
+    from cxrfast.methods.base import EncoderExport
 
-    Metadata (all strings): arch (timm name), timm_kwargs (JSON), in_chans, img_size, source, cxrfast_version.
+    inner = _unwrap(model)
+    export = EncoderExport(arch=inner.timm_name, kwargs=dict(inner.timm_kwargs), state_dict=inner.encoder_state_dict_timm())
+    return write_encoder(export, path, metadata={"source": type(inner).__name__})
+
+
+def write_encoder(export: EncoderExport, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write `export` to `path` (a `.safetensors` file, or a folder that gets `encoder.safetensors`)
+    through a temp name + rename; returns the file written.
+
+    Metadata (all strings): arch (timm name), timm_kwargs (JSON), in_chans, img_size (ViTs), mean and
+    std (the pixel normalisation the encoder was trained with, when known), cxrfast_version, plus
+    `metadata` (e.g. source, method, preset).
     """
     from safetensors.torch import save_file
 
-    inner = _unwrap(model)
     path = Path(path)
     if path.is_dir() or path.suffix != ".safetensors":
         if path.suffix:
             raise ValueError(f"{path}: expected a .safetensors file name or a folder")
         path = path / ENCODER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = inner.encoder_state_dict_timm()
-    kwargs = inner.timm_kwargs
-    metadata = {
-        "format": "pt",
-        "arch": inner.timm_name,
-        "timm_kwargs": json.dumps(kwargs, sort_keys=True),
-        "in_chans": str(kwargs["in_chans"]),
-        "img_size": str(kwargs["img_size"]),
-        "source": type(inner).__name__,
-        "cxrfast_version": cxrfast.__version__,
-    }
+    kwargs = export.kwargs
+    meta = {"format": "pt", "arch": export.arch, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
+            "in_chans": str(kwargs.get("in_chans", 3)), "cxrfast_version": cxrfast.__version__, **(metadata or {})}
+    if "img_size" in kwargs:
+        meta["img_size"] = str(kwargs["img_size"])
+    if export.mean is not None and export.std is not None:
+        meta["mean"], meta["std"] = repr(float(export.mean)), repr(float(export.std))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in export.state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     n_params = sum(t.numel() for t in tensors.values())
-    log.info("exported %s encoder (%s, %.1fM values) to %s", type(inner).__name__, inner.timm_name, n_params / 1e6, path)
+    log.info("exported %s encoder (%.1fM values) to %s", export.arch, n_params / 1e6, path)
     return path
 
 
@@ -91,11 +102,14 @@ def timm_overlay(path: str | Path) -> dict[str, Any]:
     that keeps timm's load strict (file + num_classes=0 + the file's input channels)."""
     meta = read_metadata(path)
     kw = meta["timm_kwargs"]
-    return dict(file=str(path), num_classes=0, input_size=(kw["in_chans"], kw["img_size"], kw["img_size"]))
+    overlay: dict[str, Any] = dict(file=str(path), num_classes=0)
+    if "img_size" in kw:
+        overlay["input_size"] = (kw["in_chans"], kw["img_size"], kw["img_size"])
+    return overlay
 
 
 def load_encoder(path: str | Path, **overrides: Any) -> nn.Module:
-    """A timm VisionTransformer (no head, eval mode) rebuilt from the file's metadata and loaded
+    """A timm model (no head, eval mode) rebuilt from the file's metadata and loaded
     with `strict=True`; `overrides` go to `timm.create_model` (e.g. drop_path_rate, num_classes)."""
     import timm
     from safetensors.torch import load_file

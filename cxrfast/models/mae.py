@@ -190,8 +190,9 @@ class MaskedAutoencoder(PretrainModel):
         self._check_image(imgs, self.cfg.img_size, "encoder input")
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         x = self.patch_embed(imgs)  # [B, N, D]
-        masked = random_masking(x, self.pos_embed[:, 1:], ratio, generator, impl=self.impl)  # x: [B, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
+        pos = self.pos_embed.to(x.dtype)  # the fixed table is an fp32 buffer; activations may be bf16
+        masked = random_masking(x, pos[:, 1:], ratio, generator, impl=self.impl)  # x: [B, K, D]
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, masked.x], dim=1)
         x = self.norm(self._run_blocks(self.blocks, x))
         return x, masked.mask, masked.ids_restore
@@ -199,8 +200,10 @@ class MaskedAutoencoder(PretrainModel):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Unmasked encoder: imgs [B, C, H, W] -> [B, 1+N, D], the same as timm's `forward_features`."""
         self._check_image(imgs, self.cfg.img_size, "encoder input")
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.patch_embed(imgs)
+        pos = self.pos_embed.to(x.dtype)
+        x = x + pos[:, 1:]
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         return self.norm(self._run_blocks(self.blocks, x))
 
@@ -212,7 +215,7 @@ class MaskedAutoencoder(PretrainModel):
         fill = self.mask_token.expand(b, n + 1 - k1, dd)  # [B, N-K, Dd]
         x_ = torch.cat([x[:, 1:], fill], dim=1)  # shuffled order: visible first
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle -> [B, N, Dd]
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1+N, Dd]
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)  # [B, 1+N, Dd]
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
         return self.decoder_pred(x)[:, 1:]  # drop cls -> [B, N, P]
 

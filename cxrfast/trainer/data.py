@@ -1,58 +1,22 @@
-"""Training data: shard checks, the report-vocabulary facts a text model needs, per-epoch loaders.
+"""Training data: per-epoch loaders for what the method requests, with resumable positions.
 
 `EpochData.epoch(e)` builds a fresh `cxrfast.pipelines.build_loader` seeded with `seed + e`, so
-the sample order of an epoch is a function of (seed, epoch, rank, world size) only: a run resumed
-at an epoch boundary reads exactly the batches the uninterrupted run would have read.
+the sample order of an epoch is a function of (seed, epoch, rank, world size) only. Mid-epoch
+positions: the DALI backend saves DALI's own checkpoint of the loader (reader position and random
+generators) and restores it; the torch and synthetic backends, whose order is just as
+deterministic, replay the epoch and skip the batches already consumed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from cxrfast.shards.folder import open_shards
+from cxrfast.methods.base import DataRequest
+from cxrfast.shards.folder import ShardFolder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """What the trainer needs from a shard folder's manifest.json."""
-
-    root: Path
-    dataset: str
-    split_samples: dict[str, int]  # samples per split
-    tokenizer: dict[str, Any] | None  # manifest "tokenizer": file, vocab_size, special_ids; None without reports
-
-
-def read_shards(root: Path, split: str) -> ShardInfo:
-    """Check `root` holds shards with samples in `split`; raise an error naming what is missing."""
-    folder = open_shards(root)
-    counts = folder.split_samples
-    if counts.get(split, 0) == 0:
-        raise ValueError(f"{folder.manifest_path}: split {split!r} has no samples (splits: {counts})")
-    return ShardInfo(root=folder.root, dataset=folder.dataset, split_samples=counts,
-                     tokenizer=folder.manifest["tokenizer"])
-
-
-def text_model_kwargs(info: ShardInfo, recipe: str) -> dict[str, Any]:
-    """`vocab_size`, `special_ids` and `wordpiece_continuation` for a model that reads reports.
-
-    Built once at start from the shards' tokenizer.json (`cxrfast.models.text_kwargs_from_shards`),
-    so whole-word masking needs no tokenizer in the loop.
-    """
-    from cxrfast.models import text_kwargs_from_shards
-
-    if info.tokenizer is None:
-        raise ValueError(
-            f"recipe {recipe!r} trains on reports, but the shards in {info.root} have none "
-            f"(manifest 'tokenizer' is null, samples carry no ids.i32; dataset {info.dataset!r}). "
-            "Use MIMIC-CXR shards built with --reports, or an image-only recipe (mae_*)."
-        )
-    return text_kwargs_from_shards(info.root)
 
 
 def min_over_ranks(value: int) -> int:
@@ -69,6 +33,12 @@ def min_over_ranks(value: int) -> int:
     return int(t.item())
 
 
+def loader_kwargs(request: DataRequest) -> dict[str, Any]:
+    """`build_loader` arguments that a method's DataRequest fixes."""
+    return dict(recipe=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
+                channels=request.channels, text_len=request.text_len)
+
+
 class EpochData:
     """Batches of one epoch at a time, `steps` optimizer steps of `accum` micro-batches each.
 
@@ -78,10 +48,10 @@ class EpochData:
 
     def __init__(
         self,
-        info: ShardInfo,
+        folder: ShardFolder,
+        request: DataRequest,
         *,
         split: str,
-        recipe: str,
         batch_size: int,
         accum: int,
         backend: str,
@@ -89,21 +59,22 @@ class EpochData:
         seed: int,
         shuffle: bool,
         num_threads: int,
-        image_size: int,
         rank: int,
         world_size: int,
         overfit_batches: int = 0,
     ) -> None:
-        self.info = info
+        self.folder = folder
+        self.backend = backend
         self._kw = dict(
-            split=split, recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, shuffle=shuffle,
-            num_threads=num_threads, rank=rank, world_size=world_size,
-            image_size=image_size, drop_last=True,
+            split=split, batch_size=batch_size, backend=backend, dtype=dtype, shuffle=shuffle,
+            num_threads=num_threads, rank=rank, world_size=world_size, drop_last=True,
+            checkpointing=backend == "dali", **loader_kwargs(request),
         )
         self.seed = seed
         self.accum = accum
         self.overfit_batches = overfit_batches
         self._cached: list[dict[str, Any]] | None = None
+        self._loader: Any = None  # the loader of the epoch being read
         first = self._build(0)
         micro = min_over_ranks(len(first))  # ranks' shares may differ by a sample: all run the same steps
         if overfit_batches:
@@ -111,7 +82,7 @@ class EpochData:
         self.steps = micro // accum
         if self.steps < 1:
             raise ValueError(
-                f"{info.root}: split {split!r} gives {micro} micro-batches of {batch_size} per rank "
+                f"{folder.root}: split {split!r} gives {micro} micro-batches of {batch_size} per rank "
                 f"(world size {world_size}), fewer than one optimizer step of {accum} micro-batches"
             )
         self._first = first
@@ -121,10 +92,10 @@ class EpochData:
         """Micro-batches consumed per epoch on this rank."""
         return self.steps * self.accum
 
-    def _build(self, epoch: int):
+    def _build(self, epoch: int, checkpoint: bytes | None = None):
         from cxrfast.pipelines import build_loader
 
-        return build_loader(self.info.root, seed=self.seed + epoch, **self._kw)
+        return build_loader(self.folder, seed=self.seed + epoch, checkpoint=checkpoint, **self._kw)
 
     def stream(self) -> Iterator[dict[str, Any]]:
         """Endless micro-batches from one loader, epoch after epoch without rebuilding it (benchmarks;
@@ -134,22 +105,39 @@ class EpochData:
         while True:
             yield from loader
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """The `micro_batches` batches of epoch `epoch` (0-based)."""
+    def state(self) -> bytes | None:
+        """The position in the current epoch (DALI's loader checkpoint); None for the backends that
+        resume by replaying (torch, synthetic) and in overfit mode."""
+        if self.overfit_batches or self.backend != "dali" or self._loader is None:
+            return None
+        return self._loader.state()
+
+    def epoch(self, epoch: int, *, start: int = 0, state: bytes | None = None) -> Iterator[dict[str, Any]]:
+        """Micro-batches `start .. micro_batches - 1` of epoch `epoch` (0-based). A resumed epoch
+        (start > 0) continues from `state` (DALI) or replays and skips the first `start` batches."""
         if self.overfit_batches:
             if self._cached is None:
                 it = iter(self._first)
                 self._cached = [next(it) for _ in range(self.micro_batches)]
                 self._first = None
-            yield from self._cached
+            yield from self._cached[start:]
             return
-        loader = self._first if epoch == 0 and self._first is not None else self._build(epoch)
+        if start and self.backend == "dali" and state is None:
+            raise ValueError(f"resuming epoch {epoch} at micro-batch {start} needs the DALI loader state of the checkpoint")
+        if epoch == 0 and start == 0 and self._first is not None:
+            loader = self._first
+        else:
+            loader = self._build(epoch, checkpoint=state if start else None)
         self._first = None
+        self._loader = loader
         it = iter(loader)
-        for i in range(self.micro_batches):
+        skip = start if (start and state is None) else 0
+        for i in range(start - skip, self.micro_batches):
             try:
-                yield next(it)
+                batch = next(it)
             except StopIteration:
                 raise RuntimeError(
                     f"loader for epoch {epoch} ended after {i} batches; len() promised {len(loader)}"
                 ) from None
+            if i >= start:
+                yield batch

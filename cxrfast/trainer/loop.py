@@ -1,10 +1,11 @@
 """The pre-training loop: epochs of `steps` optimizer steps, each of `accum` micro-batches.
 
 Per micro-batch: wait for data (timed), forward, `engine.backward`, `engine.step` (DeepSpeed
-applies the optimizer and the LR scheduler on accumulation boundaries). Loss parts are summed on
-the device; host syncs happen only on log steps and at epoch ends (`StepMeter.collect`).
-The torch RNG (masking noise) is reseeded from (seed, epoch, rank) at every epoch start, which
-makes a run resumed at an epoch boundary identical to an uninterrupted one.
+applies the optimizer and the LR scheduler on accumulation boundaries); after each optimizer step
+the method's `after_optimizer_step` hook. Loss parts are summed on the device; host syncs happen
+only on log steps and at epoch ends (`StepMeter.collect`). The torch RNG (masking noise, dropout)
+is reseeded from (seed, step, rank) at every optimizer step, so a run resumed from any checkpoint,
+mid-epoch included, computes exactly what the uninterrupted run computed.
 """
 
 from __future__ import annotations
@@ -13,61 +14,80 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from cxrfast.methods.base import StepContext
 from cxrfast.trainer.checkpoint import Checkpointer, RunState
 from cxrfast.trainer.data import EpochData
 from cxrfast.trainer.metrics import MetricsLogger, StepMeter, Throughput
+from cxrfast.trainer.validate import Selection, Validator
 
 log = logging.getLogger(__name__)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + rank * 7_919 + 1) % 2**63
 
 
-def train(
-    engine: Any,
-    data: EpochData,
-    *,
-    state: RunState,
-    end_epoch: int,
-    seed: int,
-    rank: int,
-    log_every: int,
-    checkpointer: Checkpointer,
-    metrics: MetricsLogger,
-    throughput: Throughput,
-    client_state: Callable[[], dict[str, Any]] = dict,
-) -> RunState:
-    """Train from `state` until `end_epoch` epochs are done; returns the final state."""
+@dataclass
+class LoopPlan:
+    """When to stop, validate and checkpoint, and what to call on the way."""
+
+    end_epoch: int  # train until this many epochs are done
+    seed: int
+    log_every: int
+    stop_after_steps: int | None = None  # stop (with a checkpoint) once this many steps are done in this run
+    validator: Validator | None = None
+    validate_every: int = 0
+    patience: int = 0  # early stopping: validations without improvement; 0 = never
+    on_best: Callable[[RunState, dict[str, float]], None] | None = None  # e.g. export the best state
+    client_state: Callable[[], dict[str, Any]] = dict  # extra client state for checkpoints
+    selection: Selection = field(default_factory=Selection)
+
+
+def train(engine: Any, data: EpochData, ctx: StepContext, *, state: RunState, plan: LoopPlan,
+          checkpointer: Checkpointer, metrics: MetricsLogger, throughput: Throughput,
+          data_state: bytes | None = None) -> RunState:
+    """Train from `state` until the plan says stop; returns the final state."""
     from tqdm import tqdm
 
-    device = engine.device
+    method = engine.module
+    rank = ctx.rank
     interactive = sys.stderr.isatty()
-    meter = StepMeter(device)
+    meter = StepMeter(engine.device)
     accum = data.accum
-    batch_size = None
+    start_step = state.step
     last_logged: dict[str, float] = {}
     lr = 0.0
-    for epoch in range(state.epoch, end_epoch):
-        torch.manual_seed(epoch_seed(seed, epoch, rank))
+
+    def save() -> None:
+        extra = {**plan.client_state(), "selection": vars(plan.selection)}
+        checkpointer.save(state, data_state=data.state() if state.micro else None, **extra)
+
+    for epoch in range(state.epoch, plan.end_epoch):
+        ctx.epoch = epoch
+        method.on_epoch_start(ctx)
         engine.train()
+        start = state.micro
         # The count advances every optimizer step (a host-side counter, no device sync); the
-        # loss postfix changes only on log steps, where `_log` has synced anyway. Without a
-        # terminal (a log file) the bar is redrawn at most every 30 s and kept at the epoch end.
-        bar = tqdm(total=data.steps, desc=f"epoch {epoch + 1}/{end_epoch}", disable=rank != 0,
-                   mininterval=0.5 if interactive else 30.0, dynamic_ncols=True, leave=not interactive)
-        batches = data.epoch(epoch)
+        # loss postfix changes only on log steps. Without a terminal (a log file) the bar is
+        # redrawn at most every 30 s and kept at the epoch end.
+        bar = tqdm(total=data.steps, initial=start // accum, desc=f"epoch {epoch + 1}/{plan.end_epoch}",
+                   disable=rank != 0, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True,
+                   leave=not interactive)
+        batches = data.epoch(epoch, start=start, state=data_state if start else None)
+        data_state = None
         throughput.restart()
-        for micro in range(data.micro_batches):
+        stopped = False
+        for micro in range(start, data.micro_batches):
+            if micro % accum == 0:
+                torch.manual_seed(step_seed(plan.seed, state.step, rank))
             t0 = time.perf_counter()
             batch = next(batches)
             throughput.data_wait += time.perf_counter() - t0
-            if batch_size is None:
-                batch_size = int(batch["image"].shape[0])
             out = engine(batch)
             engine.backward(out["loss"])
             boundary = (micro + 1) % accum == 0
@@ -75,24 +95,66 @@ def train(
                 lr = engine.get_lr()[0]  # the lr this optimizer step uses (host value, no sync)
             engine.step()
             meter.add(out, state.step)
-            throughput.images += batch_size
+            throughput.images += int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
             if not boundary:
                 continue
             state.step += 1
+            state.micro = micro + 1
+            ctx.step = state.step
+            method.after_optimizer_step(ctx)
             throughput.steps += 1
             bar.update(1)
             end_of_epoch = micro + 1 == data.micro_batches
-            if state.step % log_every == 0 or end_of_epoch:
+            if state.step % plan.log_every == 0 or end_of_epoch:
                 last_logged = _log(meter, throughput, metrics, state, lr, epoch + (micro + 1) / data.micro_batches)
                 bar.set_postfix(loss=f"{last_logged['loss']:.4f}")  # redraws the bar
+            if end_of_epoch:
+                break
+            stop = plan.stop_after_steps is not None and state.step - start_step >= plan.stop_after_steps
+            if stop or checkpointer.due_at_step(state.step):
+                meter.check_finite()  # raises NonFiniteLoss before a bad state is saved
+                save()
+            if stop:
+                stopped = True
+                break
         bar.close()
-        state.epoch = epoch + 1
-        if checkpointer.due(state.epoch, last=state.epoch == end_epoch):
-            checkpointer.save(state, **client_state())
+        if stopped:
+            log.info("stopping after %d steps as asked (train.stop_after_steps); resume with --resume", state.step)
+            return state
+        state.epoch, state.micro = epoch + 1, 0
+        finish = False
+        if plan.validator is not None and plan.validate_every and state.epoch % plan.validate_every == 0:
+            finish = _validate(engine, plan, state, metrics)
+        last = state.epoch == plan.end_epoch or finish
+        stop = plan.stop_after_steps is not None and state.step - start_step >= plan.stop_after_steps
+        if checkpointer.due_at_epoch_end(state.epoch, last=last or stop):
+            save()
         if rank == 0:
-            log.info("epoch %d/%d done: step %d, loss %.4f, %.1f images/s", state.epoch, end_epoch, state.step,
-                     last_logged["loss"], last_logged["images_per_s"])
+            log.info("epoch %d/%d done: step %d, loss %.4f, %.1f images/s", state.epoch, plan.end_epoch, state.step,
+                     last_logged.get("loss", float("nan")), last_logged.get("images_per_s", float("nan")))
+        if finish or stop:
+            return state
     return state
+
+
+def _validate(engine: Any, plan: LoopPlan, state: RunState, metrics: MetricsLogger) -> bool:
+    """Run the validator, log it, track the best; True when early stopping says stop."""
+    assert plan.validator is not None
+    t0 = time.perf_counter()
+    values = plan.validator.run(engine)
+    sel = plan.selection
+    improved = sel.update(values["val_loss"], state.epoch)
+    metrics.write(state.step, {"epoch": state.epoch, **values, "val_best": sel.best, "val_best_epoch": sel.best_epoch,
+                               "val_seconds": time.perf_counter() - t0})
+    log.info("validation after epoch %d: loss %.4f (best %.4f after epoch %d)", state.epoch, values["val_loss"],
+             sel.best, sel.best_epoch)
+    if improved and plan.on_best is not None:
+        plan.on_best(state, values)
+    if plan.patience and sel.bad >= plan.patience:
+        log.info("early stopping: no improvement in %d validations (best %.4f after epoch %d)", sel.bad, sel.best,
+                 sel.best_epoch)
+        return True
+    return False
 
 
 def _log(meter: StepMeter, throughput: Throughput, metrics: MetricsLogger, state: RunState, lr: float,

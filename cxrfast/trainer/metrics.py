@@ -87,6 +87,19 @@ class StepMeter:
         self.sums += torch.cat([parts.double(), torch.ones(1, dtype=torch.float64, device=self.device),
                                 bad.double().reshape(1)])
 
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss when any rank saw a non-finite loss since the last collect, without
+        consuming the sums (a host sync + all-reduce of one number; before a checkpoint is saved)."""
+        import torch.distributed as dist
+
+        if not self.keys:
+            return
+        bad = self.sums[-1:].clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            self.collect()  # raises, naming the step and the parts
+
     def collect(self) -> dict[str, float]:
         """Mean of each part over all ranks since the last collect (a host sync + all-reduce).
 

@@ -1,4 +1,9 @@
-"""One pre-training run inside an initialised process group: build the parts, train, export."""
+"""One pre-training run inside an initialised process group: build the parts, train, export.
+
+The trainer knows nothing method-specific: it opens the shard folder, builds the method from the
+run config, asks it what data it needs, builds the DeepSpeed engine around it, runs the loop
+(which calls the method's hooks), checkpoints, resumes and exports `method.encoder_export()`.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrfast.config import Config
+from cxrfast.config import RunConfig
+from cxrfast.methods import build_method
+from cxrfast.methods.base import Method, StepContext
+from cxrfast.shards.folder import ShardFolder, open_shards
 from cxrfast.trainer import deepspeed_config
-from cxrfast.trainer.build import build_engine, build_model, compile_blocks, loader_dtype, model_kwargs
+from cxrfast.trainer.build import build_engine, loader_dtype, lr_schedule
 from cxrfast.trainer.checkpoint import Checkpointer, RunState
-from cxrfast.trainer.data import EpochData, ShardInfo, read_shards
-from cxrfast.trainer.export import export_trained_encoder
-from cxrfast.trainer.loop import train
+from cxrfast.trainer.data import EpochData
+from cxrfast.trainer.export import export_trained
+from cxrfast.trainer.loop import LoopPlan, train
 from cxrfast.trainer.metrics import MetricsLogger, Throughput, peak_tflops
+from cxrfast.trainer.schedule import LRSchedule, set_position
+from cxrfast.trainer.validate import Selection, Validator
 
 log = logging.getLogger(__name__)
+
+
+def make_method(cfg: RunConfig, folder: ShardFolder) -> Method:
+    """The method of `cfg`, seeded by `train.seed` (every rank builds identical initial weights)."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    return build_method(cfg.method, folder)
 
 
 @dataclass
@@ -25,93 +43,156 @@ class Built:
     """The parts of a run, ready to train."""
 
     engine: Any
+    method: Method
     data: EpochData
-    info: ShardInfo
+    folder: ShardFolder
     ds: dict[str, Any]
     peak_lr: float
-    model_kwargs: dict[str, Any]
+    schedule: LRSchedule
     flops_per_image: float
 
 
-def build(cfg: Config, shards: Path, ds_file: Path | None = None) -> Built:
-    """Model, DeepSpeed settings, data and engine for `cfg` (collective: every rank calls it)."""
+def build(cfg: RunConfig, shards: Path | ShardFolder, ds_file: Path | None = None) -> Built:
+    """Method, DeepSpeed settings, data and engine for `cfg` (collective: every rank calls it)."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    info = read_shards(shards, cfg.data.split)
-    kwargs = model_kwargs(cfg, info)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, kwargs)
-    if cfg.model.compile:
-        log.info("torch.compile: %d transformer blocks", compile_blocks(model))
+    folder = open_shards(shards)
+    split_n = folder.split_samples.get(cfg.data.split, 0)
+    if split_n == 0:
+        raise ValueError(f"{folder.manifest_path}: split {cfg.data.split!r} has no samples (splits: {folder.split_samples})")
+    method = make_method(cfg, folder)
+    if cfg.train.grad_checkpointing:
+        method.set_grad_checkpointing(True)
+    if cfg.train.compile:
+        targets = method.compile_targets()
+        for module in targets:
+            module.compile()
+        log.info("torch.compile: %d module(s)", len(targets))
     ds = deepspeed_config.build(cfg, world, ds_file)
     data = EpochData(
-        info, split=cfg.data.split, recipe=model.data_recipe, batch_size=ds["train_micro_batch_size_per_gpu"],
-        accum=ds["gradient_accumulation_steps"], backend=cfg.data.backend, dtype=loader_dtype(ds),
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle, num_threads=cfg.data.num_threads,
-        image_size=int(model.timm_kwargs["img_size"]), rank=rank, world_size=world,
-        overfit_batches=cfg.data.overfit_batches,
+        folder, method.data_request(cfg.data.split), split=cfg.data.split,
+        batch_size=ds["train_micro_batch_size_per_gpu"], accum=ds["gradient_accumulation_steps"],
+        backend=cfg.data.backend, dtype=loader_dtype(ds), seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+        num_threads=cfg.data.num_threads, rank=rank, world_size=world, overfit_batches=cfg.data.overfit_batches,
     )
-    flops = float(model.flops_per_image())
-    engine, peak_lr = build_engine(model, cfg, ds, steps_per_epoch=data.steps, cuda=torch.cuda.is_available())
-    return Built(engine=engine, data=data, info=info, ds=ds, peak_lr=peak_lr, model_kwargs=kwargs,
-                 flops_per_image=flops)
+    flops = float(method.flops_per_image())
+    peak_lr = cfg.optim.peak_lr(ds["train_batch_size"])
+    schedule = lr_schedule(cfg.optim, data.steps, peak_lr)
+    engine = build_engine(method, cfg.optim, ds, schedule, peak_lr, cuda=torch.cuda.is_available())
+    return Built(engine=engine, method=engine.module, data=data, folder=folder, ds=ds, peak_lr=peak_lr,
+                 schedule=schedule, flops_per_image=flops)
 
 
-def run(cfg: Config, *, shards: Path, out: Path, ds_file: Path | None = None, resume: Path | None = None) -> RunState:
-    """Train `cfg` on `shards` into `out`; `resume` is a checkpoint folder to continue from."""
+def _check_resume(cfg: RunConfig, client: dict[str, Any], b: Built, world: int) -> None:
+    """Refuse a checkpoint of another preset/method or a mid-epoch one with another batch geometry;
+    say what changed when the schedule differs (the new one is followed)."""
+    state = RunState(epoch=int(client["epoch"]), step=int(client["step"]), micro=int(client.get("micro", 0)))
+    if client.get("preset") not in (None, cfg.preset):
+        raise ValueError(f"--resume: the checkpoint is of preset {client.get('preset')!r}, this run is preset "
+                         f"{cfg.preset!r}; resume with --preset {client.get('preset')} or start a new --out")
+    if client.get("method") not in (None, cfg.method_name):
+        raise ValueError(f"--resume: the checkpoint is of method {client.get('method')!r}, this run's is {cfg.method_name!r}")
+    geometry = {"world_size": world, "steps_per_epoch": b.data.steps, "global_batch": b.ds["train_batch_size"]}
+    old = {k: client.get(k) for k in geometry}
+    if old != geometry:
+        if state.micro:
+            raise ValueError(f"--resume: the checkpoint is {state.micro} micro-batches into an epoch with {old}; this "
+                             f"run has {geometry}: a mid-epoch position cannot carry over (resume from an epoch-end "
+                             "checkpoint, or keep the world size and batch)")
+        log.warning("checkpoint geometry %s differs from this run's %s: the schedule continues from step %d",
+                    old, geometry, state.step)
+    new = b.schedule.describe()
+    if client.get("schedule") not in (None, new):
+        changed = {k: (client["schedule"].get(k), v) for k, v in new.items() if client["schedule"].get(k) != v}
+        log.warning("the schedule changed since the checkpoint (%s): following this run's schedule from step %d",
+                    ", ".join(f"{k} {a} -> {c}" for k, (a, c) in changed.items()), state.step)
+
+
+def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None, resume: Path | None = None) -> RunState:
+    """Train `cfg` on `shards` into `out`; `resume` is a checkpoint folder (or tag folder) to continue from."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b = build(cfg, shards, ds_file)
-    engine, data, ds, info, peak_lr = b.engine, b.data, b.ds, b.info, b.peak_lr
+    engine, data, ds, folder = b.engine, b.data, b.ds, b.folder
     cuda = torch.cuda.is_available()
     if rank == 0:
-        log.info("%s on %s (%s, %d %s samples): %s, %d steps/epoch, peak lr %.3g, %d rank(s)", cfg.recipe, shards,
-                 info.dataset, info.split_samples[cfg.data.split], cfg.data.split, deepspeed_config.describe(ds),
-                 data.steps, peak_lr, world)
+        log.info("%s (%s) on %s (%s, %d %s samples): %s, %d steps/epoch, peak lr %.3g, %d rank(s)", cfg.preset,
+                 cfg.method_name, folder.root, folder.dataset, folder.split_samples[cfg.data.split], cfg.data.split,
+                 deepspeed_config.describe(ds), data.steps, b.peak_lr, world)
 
-    checkpointer = Checkpointer(engine, out / "checkpoints", every_epochs=cfg.train.ckpt_every_epochs,
-                                keep=cfg.train.ckpt_keep, rank=rank)
-    state = RunState()
+    t = cfg.train
+    checkpointer = Checkpointer(engine, out / "checkpoints", every_epochs=t.ckpt_every_epochs,
+                                every_steps=t.ckpt_every_steps, keep=t.ckpt_keep, rank=rank, world_size=world)
+    state, selection, data_state = RunState(), Selection(), None
     if resume is not None:
-        state = checkpointer.load(resume)
-        if state.step != state.epoch * data.steps:
-            log.warning("checkpoint is at step %d after %d epochs, but this run has %d steps/epoch (world size or "
-                        "batch changed): the schedule continues from step %d", state.step, state.epoch, data.steps,
-                        state.step)
-    stop = cfg.train.stop_after_epochs
+        state, client, data_state = checkpointer.load(resume, check=lambda c: _check_resume(cfg, c, b, world))
+        selection = Selection(**client.get("selection", {}))
+    if engine.lr_scheduler is not None and "scheduler" not in ds:
+        set_position(engine.lr_scheduler, b.schedule, state.step)
+    stop = t.stop_after_epochs
     end_epoch = cfg.optim.epochs if stop is None else min(cfg.optim.epochs, state.epoch + stop)
     if rank == 0:
-        cfg.save_json(out / "config.json", world_size=world, deepspeed=ds, peak_lr=peak_lr,
-                      steps_per_epoch=data.steps, shards=str(shards), resumed_from=None if resume is None else str(resume))
+        cfg.save_json(out / "config.json", world_size=world, deepspeed=ds, peak_lr=b.peak_lr, steps_per_epoch=data.steps,
+                      shards=str(folder.root), resumed_from=None if resume is None else str(resume))
 
     device_name = torch.cuda.get_device_name() if cuda else None
     throughput = Throughput(world_size=world, flops_per_image=b.flops_per_image,
-                            peak=cfg.train.peak_tflops or peak_tflops(device_name), cuda=cuda)
+                            peak=t.peak_tflops or peak_tflops(device_name), cuda=cuda)
     metrics = MetricsLogger(out, enabled=rank == 0)
-    start_step, t0 = state.step, time.perf_counter()
+    ctx = StepContext(step=state.step, epoch=state.epoch, epochs=cfg.optim.epochs, steps_per_epoch=data.steps,
+                      rank=rank, world_size=world, global_batch=ds["train_batch_size"],
+                      accumulation=ds["gradient_accumulation_steps"], engine=engine)
+    engine.module.on_train_start(ctx)
+
+    metadata = {"source": type(b.method).__name__, "method": cfg.method_name, "preset": cfg.preset}
+
+    def export(tag: str) -> Path | None:
+        def extra(method: Method) -> list[Path]:
+            return method.extra_exports(out, folder)
+
+        return export_trained(engine, lambda: build_method(cfg.method, folder), out, rank=rank,
+                              metadata={**metadata, "selected": tag}, write_extra=extra)
+
+    validator = None
+    if t.validate_every_epochs:
+        validator = Validator(folder, engine.module, split=t.validate_split, batch_size=ds["train_micro_batch_size_per_gpu"],
+                              backend=cfg.data.backend, dtype=loader_dtype(ds), num_threads=cfg.data.num_threads,
+                              rank=rank, world_size=world)
+
+    def on_best(st: RunState, values: dict[str, float]) -> None:
+        if t.export and t.select == "best":
+            export(f"best validation loss {values['val_loss']:.6g} after epoch {st.epoch}")
 
     def client_state() -> dict[str, Any]:
-        return {"recipe": cfg.recipe, "world_size": world, "steps_per_epoch": data.steps}
+        return {"preset": cfg.preset, "method": cfg.method_name, "world_size": world, "steps_per_epoch": data.steps,
+                "global_batch": ds["train_batch_size"], "schedule": b.schedule.describe()}
 
+    plan = LoopPlan(end_epoch=end_epoch, seed=t.seed, log_every=t.log_every, stop_after_steps=t.stop_after_steps,
+                    validator=validator, validate_every=t.validate_every_epochs, patience=t.early_stop_patience,
+                    on_best=on_best, client_state=client_state, selection=selection)
+    start_step, t0 = state.step, time.perf_counter()
     try:
-        state = train(engine, data, state=state, end_epoch=end_epoch, seed=cfg.train.seed, rank=rank,
-                      log_every=cfg.train.log_every, checkpointer=checkpointer, metrics=metrics,
-                      throughput=throughput, client_state=client_state)
+        state = train(engine, data, ctx, state=state, plan=plan, checkpointer=checkpointer, metrics=metrics,
+                      throughput=throughput, data_state=data_state)
     finally:
         metrics.close()
     elapsed = time.perf_counter() - t0
     encoder = None
-    if cfg.train.export:
-        encoder = export_trained_encoder(engine, lambda: build_model(cfg, b.model_kwargs), out / "encoder.safetensors",
-                                         rank=rank)
+    finished = state.epoch == cfg.optim.epochs or (t.early_stop_patience and selection.bad >= t.early_stop_patience)
+    if t.export and t.select == "last":
+        encoder = export(f"last: epoch {state.epoch}, step {state.step}")
+    elif t.export and rank == 0:
+        encoder = out / "encoder.safetensors"
+        log.info("the exported encoder is the best on %s: validation loss %.6g after epoch %d", t.validate_split,
+                 selection.best, selection.best_epoch)
     if rank == 0:
         steps = state.step - start_step
         images = steps * ds["train_batch_size"]
-        log.info("done: %d steps (%d images) in %.1f s, %.1f images/s; epoch %d/%d; checkpoints %s; encoder %s",
-                 steps, images, elapsed, images / max(elapsed, 1e-9), state.epoch, cfg.optim.epochs,
-                 out / "checkpoints", encoder)
+        log.info("done%s: %d steps (%d images) in %.1f s, %.1f images/s; epoch %d/%d; checkpoints %s; encoder %s",
+                 "" if finished else " for now", steps, images, elapsed, images / max(elapsed, 1e-9), state.epoch,
+                 cfg.optim.epochs, out / "checkpoints", encoder)
     return state
