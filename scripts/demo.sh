@@ -11,4 +11,4 @@ OUT=${OUT:-demo}
 cxrfast synth mimic --out "$OUT/MIMIC-CXR-JPG" --studies 60 --seed 0
 cxrfast shard mimic --root "$OUT/MIMIC-CXR-JPG" --reports "$OUT/MIMIC-CXR-JPG/mimic-cxr-reports.zip" --out "$OUT/shards/mimic"
 cxrfast inspect "$OUT/shards/mimic" --sheet "$OUT/contact_sheet.png"
-.venv/bin/python cxrfast/train.py --recipe tiny_mrm --shards "$OUT/shards/mimic" --out "$OUT/runs/tiny_mrm" epochs=20
+cxrfast train --preset tiny_mrm --shards "$OUT/shards/mimic" --out "$OUT/runs/tiny_mrm" epochs=20
