@@ -111,7 +111,7 @@ def _cuda_measure(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[flo
     return float(ms), float(peak)
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cxrfast bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for kernel_speed.json/.png")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256 on CUDA, 8 on CPU)")
@@ -119,7 +119,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=25, help="CUDA: warm-up time in ms (do_bench); CPU: untimed calls, at most 2")
     parser.add_argument("--repeats", type=int, default=100, help="CUDA: timed period in ms (do_bench); CPU: timed calls, at most 10")
     parser.add_argument("--no-results-row", action="store_true", help="do not append to bench/RESULTS.md")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
 
     import torch
 
