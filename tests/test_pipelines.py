@@ -76,7 +76,10 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
         x = img.float()
         assert torch.isfinite(x).all()
         if backend != "synthetic":  # normalised pixels of 0..1 images
-            assert lo - 0.05 <= x.min() and x.max() <= hi + 0.05
+            # MRM's image is the float target halved by bicubic, unclamped as in MRM's model: its
+            # negative lobes (8 x 0.0557 of the 4x4 taps) may overshoot the range by up to 0.45 of it
+            slack = 0.45 * (hi - lo) if (recipe, name) == ("mrm", "image") else 0.05
+            assert lo - slack <= x.min() and x.max() <= hi + slack
             assert x.std() > 0.05  # not a blank image
         if channels == 3:
             assert torch.equal(img[:, 0], img[:, 2])
