@@ -77,7 +77,7 @@ def cxr_pipeline(cfg: GraphConfig):
         world_size=cfg.world_size,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
-        with_text=cfg.text_len is not None,
+        text=cfg.text,
     )
     images = _augment(data["jpg"], cfg)
     on_gpu = cfg.device == "gpu"
@@ -85,7 +85,7 @@ def cxr_pipeline(cfg: GraphConfig):
     outs.append(data["labels"].gpu() if on_gpu else data["labels"])
     if cfg.text_len is not None:
         special = cfg.split.special_ids
-        ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special["sep"])
+        ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special.get("sep"))
         outs += [ids.gpu(), mask.gpu()] if on_gpu else [ids, mask]
     if cfg.with_keys:  # "tar:offset:KEY.jpg" as zero-padded bytes, decoded on the host
         outs.append(fn.pad(fn.get_property(data["jpg"], key="source_info"), axes=[0], fill_value=0))

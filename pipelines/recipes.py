@@ -82,6 +82,8 @@ class LoaderConfig:
     channels: int
     image_size: int
     text_len: int | None
+    #: which report text `ids` holds (a name in `schema.TEXTS`); None = no text outputs
+    text: str | None
     with_keys: bool
 
 

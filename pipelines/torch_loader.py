@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrfast.pipelines.recipes import LoaderConfig, presize
-from cxrfast.shards.schema import decode_member
+from cxrfast.shards.schema import TEXTS, decode_member
 
 SHUFFLE_BUFFER = 1024
 
@@ -91,12 +91,14 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
     raise ValueError(f"recipe {r.name!r} has no torchvision transform")
 
 
-def pad_truncate_ids(ids: np.ndarray, *, length: int, pad_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same rule as `text.pad_truncate`: pad with pad_id, or cut and put [SEP] last."""
+def pad_truncate_ids(
+    ids: np.ndarray, *, length: int, pad_id: int, sep_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same rule as `text.pad_truncate`: pad with pad_id, or cut and put [SEP] last (just cut without [SEP])."""
     out = np.full(length, pad_id, dtype=np.int64)
     n = min(len(ids), length)
     out[:n] = ids[:n]
-    if len(ids) > length:
+    if len(ids) > length and sep_id is not None:
         out[-1] = sep_id
     mask = np.zeros(length, dtype=np.int64)
     mask[:n] = 1
@@ -111,6 +113,7 @@ class TarSamples(IterableDataset):
         self.epoch = 0
         self.transform = build_transform(cfg)
         self.special = cfg.split.special_ids if cfg.text_len is not None else None
+        self.ids_member = TEXTS[cfg.text].ids if cfg.text is not None else None
 
     def rank_tars(self) -> list[str]:
         tars = [str(p) for p in self.cfg.split.tars]
@@ -136,9 +139,9 @@ class TarSamples(IterableDataset):
             out = {k: v.expand(self.cfg.channels, -1, -1).contiguous() for k, v in out.items()}
         out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
         if self.special is not None:
-            ids = decode_member("ids.i32", sample.get("ids.i32", b""))
+            ids = decode_member(self.ids_member, sample.get(self.ids_member, b""))
             out["ids"], out["attention_mask"] = pad_truncate_ids(
-                ids, length=self.cfg.text_len, pad_id=self.special["pad"], sep_id=self.special["sep"]
+                ids, length=self.cfg.text_len, pad_id=self.special["pad"], sep_id=self.special.get("sep")
             )
         if self.cfg.with_keys:
             out["key"] = sample["__key__"]
