@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "pipelines": "cxrfast.bench.loader_throughput",
     "kernels": "cxrfast.bench.kernel_speed",
     "train": "cxrfast.bench.train_throughput",
+    "maxsize": "cxrfast.bench.max_size",
 }
 
 
