@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "kernels": "cxrfast.bench.kernel_speed",
     "train": "cxrfast.bench.train_throughput",
     "gpu": "cxrfast.bench.gpu_suite",
+    "maxsize": "cxrfast.bench.max_size",
 }
 
 

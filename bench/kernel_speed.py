@@ -81,8 +81,9 @@ def _cases(batch: int, device: str, dtype: Any) -> list[Case]:
         def make(impl: str) -> Callable[[], Any]:
             def run() -> Any:
                 return mask_tokens(
-                    ids, word_start, prob=0.5, mask_id=4, vocab_size=30000, special_ids=special, generator=gen, impl=impl
-                )
+                    ids, word_start, prob=0.5, replace_mask=0.8, replace_random=0.1, mask_id=4, vocab_size=30000,
+                    special_ids=special, generator=gen, impl=impl,
+                )  # fmt: skip
 
             return run
 

@@ -4,5 +4,15 @@ only when a backend that needs them is built."""
 
 from cxrfast.pipelines.loader import BACKENDS, Loader, build_loader
 from cxrfast.pipelines.recipes import RECIPES, Recipe
+from cxrfast.pipelines.resolution import TargetResolution, require_target_resolution, target_resolution
 
-__all__ = ["BACKENDS", "RECIPES", "Loader", "Recipe", "build_loader"]
+__all__ = [
+    "BACKENDS",
+    "RECIPES",
+    "Loader",
+    "Recipe",
+    "TargetResolution",
+    "build_loader",
+    "require_target_resolution",
+    "target_resolution",
+]

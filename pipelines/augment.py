@@ -1,12 +1,14 @@
 """DALI augmentation steps shared by all recipes (plain functions on DataNodes).
 
 `device` is "gpu" (decode with `mixed`, i.e. nvJPEG, then GPU ops) or "cpu" (DALI's CPU-only
-mode). Images stay single-channel HWC uint8 until `normalize`, which writes CHW float.
+mode). Images stay single-channel HWC uint8 until `normalize`, which writes CHW float (MRM's
+encoder input, `halve_bicubic` of the target, is HWC float on the 0..255 scale before it).
 Random parameters come from DALI's random ops, seeded by the pipeline seed.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
@@ -37,19 +39,49 @@ def decode_random_crop(
     )
 
 
-def resize_square(img: DataNode, size: int) -> DataNode:
-    """Resize to size x size (aspect not kept), bilinear with antialiasing like torchvision."""
-    return fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+#: The resampling filters a recipe may name (`Recipe.interpolation`). Both are antialiased when
+#: shrinking, like PIL's resize behind torchvision's transforms on PIL images: DALI's cubic filter
+#: with antialiasing matches PIL's BICUBIC within one grey level (tests/test_pipelines_interpolation.py).
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
-def resize_shorter(img: DataNode, size: int) -> DataNode:
+def resize_square(img: DataNode, size: int, interpolation: str) -> DataNode:
+    """Resize to size x size (aspect not kept), antialiased like torchvision on PIL images."""
+    return fn.resize(img, size=[size, size], interp_type=_INTERP[interpolation], antialias=True)
+
+
+def resize_shorter(img: DataNode, size: int, interpolation: str) -> DataNode:
     """Short side to `size`, aspect kept (torchvision `Resize(int)`)."""
-    return fn.resize(img, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.resize(img, resize_shorter=size, interp_type=_INTERP[interpolation], antialias=True)
 
 
-def resize_longer(img: DataNode, size: int) -> DataNode:
+def resize_longer(img: DataNode, size: int, interpolation: str) -> DataNode:
     """Long side to `size`, aspect kept."""
-    return fn.resize(img, resize_longer=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.resize(img, resize_longer=size, interp_type=_INTERP[interpolation], antialias=True)
+
+
+def torch_bicubic_halving_taps(a: float = -0.75) -> np.ndarray:
+    """The 4 weights PyTorch's bicubic (Keys kernel, a = -0.75, half-pixel centres) gives the source
+    pixels 2i-1, 2i, 2i+1, 2i+2 of output pixel i when halving a side: the sampling point 2i + 0.5
+    lies 1.5, 0.5, 0.5, 1.5 pixels from them."""
+
+    def keys(x: float) -> float:
+        x = abs(x)
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1 if x <= 1 else a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+
+    return np.array([keys(1.5), keys(0.5), keys(0.5), keys(1.5)], dtype=np.float32)
+
+
+def halve_bicubic(img: DataNode, size: int) -> DataNode:
+    """HW1 uint8 of side 2*size -> HW1 float of side `size`, equal (to float rounding) to
+    `F.interpolate(x, size, mode="bicubic", align_corners=False)` without antialiasing, i.e. MRM's
+    `transforms.Resize([224, 224], BICUBIC)` on the 448 batch tensor (torchvision 0.9: no antialias
+    on tensors, no clamping of floats). A 4x4 filter of those taps (edges clamped, as PyTorch clamps
+    the source index), then every second pixel: nearest-neighbour at exactly half size picks source
+    pixel 2i + 1, where the filter's default anchor centres the taps on 2i - 1 .. 2i + 2."""
+    w = torch_bicubic_halving_taps()
+    taps = fn.filter(img, np.outer(w, w), border="clamp", dtype=types.FLOAT)
+    return fn.resize(taps, size=[size, size], interp_type=types.INTERP_NN, antialias=False)
 
 
 def pad_square(img: DataNode, size: int) -> DataNode:
@@ -80,7 +112,8 @@ def normalize(
     mirror: DataNode | int = 0,
 ) -> DataNode:
     """Optional crop (center, or uniform random position) + optional mirror + (x/255 - mean) / std,
-    HWC uint8 -> CHW `dtype`, in one fused op. `mean`/`std` are on the 0..1 scale."""
+    HWC uint8 (or float on the 0..255 scale) -> CHW `dtype`, in one fused op. `mean`/`std` are on
+    the 0..1 scale."""
     kwargs = {}
     if crop is not None:
         pos = (fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])) if random_crop else (0.5, 0.5)

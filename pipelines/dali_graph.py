@@ -37,27 +37,31 @@ def output_names(cfg: GraphConfig) -> list[str]:
 
 
 def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
-    r, size, dev = cfg.recipe, cfg.image_size, cfg.device
+    r, size, dev, interp = cfg.recipe, cfg.image_size, cfg.device, cfg.recipe.interpolation
     norm = {"mean": cfg.mean, "std": cfg.std, "dtype": cfg.dtype}
     out: dict[str, DataNode] = {}
     if r.scale is not None:  # RandomResizedCrop (MAE, MRM): decode only the crop window
         crop = A.decode_random_crop(jpg, dev, r.scale, r.ratio)
         mirror = A.coin() if r.flip else 0
-        out["image"] = A.normalize(A.resize_square(crop, size), mirror=mirror, **norm)
         if r.target_factor:  # MRM: the same crop and flip, at the target size
-            out["target"] = A.normalize(A.resize_square(crop, size * r.target_factor), mirror=mirror, **norm)
+            big = A.resize_square(crop, size * r.target_factor, interp)
+            small = A.halve_bicubic(big, size) if r.image_from_target else A.resize_square(crop, size, interp)
+            out["image"] = A.normalize(small, mirror=mirror, **norm)
+            out["target"] = A.normalize(big, mirror=mirror, **norm)
+        else:
+            out["image"] = A.normalize(A.resize_square(crop, size, interp), mirror=mirror, **norm)
     elif r.two_views:  # MoCo: one decode, two independently augmented views
-        base = A.resize_shorter(A.decode(jpg, dev), size)
+        base = A.resize_shorter(A.decode(jpg, dev), size, interp)
         for name in ("image", "image2"):
             view = A.rotate(base, r.rotate) if r.rotate else base
             mirror = A.coin() if r.flip else 0
             out[name] = A.normalize(view, crop=size, random_crop=True, mirror=mirror, **norm)
     elif r.name == "mgca":  # long side 256, zero pad to 256x256, random crop 224
         canvas = presize(size)
-        img = A.pad_square(A.resize_longer(A.decode(jpg, dev), canvas), canvas)
+        img = A.pad_square(A.resize_longer(A.decode(jpg, dev), canvas, interp), canvas)
         out["image"] = A.normalize(img, crop=size, random_crop=True, **norm)
     elif r.name == "eval":  # resize short side to 256, center crop 224
-        img = A.resize_shorter(A.decode(jpg, dev), presize(size))
+        img = A.resize_shorter(A.decode(jpg, dev), presize(size), interp)
         out["image"] = A.normalize(img, crop=size, random_crop=False, **norm)
     else:
         raise ValueError(f"recipe {r.name!r} has no DALI graph")
@@ -73,7 +77,7 @@ def cxr_pipeline(cfg: GraphConfig):
         world_size=cfg.world_size,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
-        with_text=cfg.text_len is not None,
+        text=cfg.text,
     )
     images = _augment(data["jpg"], cfg)
     on_gpu = cfg.device == "gpu"
@@ -81,7 +85,7 @@ def cxr_pipeline(cfg: GraphConfig):
     outs.append(data["labels"].gpu() if on_gpu else data["labels"])
     if cfg.text_len is not None:
         special = cfg.split.special_ids
-        ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special["sep"])
+        ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special.get("sep"))
         outs += [ids.gpu(), mask.gpu()] if on_gpu else [ids, mask]
     if cfg.with_keys:  # "tar:offset:KEY.jpg" as zero-padded bytes, decoded on the host
         outs.append(fn.pad(fn.get_property(data["jpg"], key="source_info"), axes=[0], fill_value=0))

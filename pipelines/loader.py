@@ -11,6 +11,7 @@ import torch
 
 from cxrfast.pipelines.recipes import LoaderConfig, get_recipe
 from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.shards.schema import DEFAULT_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def build_loader(
     mean: float | None = None,
     std: float | None = None,
     text_len: int | None = None,
+    text: str | None = None,
     image_size: int | None = None,
     with_keys: bool = False,
     drop_last: bool = False,
@@ -78,6 +80,9 @@ def build_loader(
     checkpointing: the DALI backend can report its position (`loader.state()`, DALI's pipeline
     checkpoint: reader position and every random generator); `checkpoint` restores such a state,
     so the loader continues exactly where the saved one stopped.
+    text: which report text becomes `ids` for recipes with text outputs, a name in
+    `cxrfast.shards.schema.TEXTS`: "findings_impression" (default) or "report" (the whole report,
+    MRM's text).
     """
     r = get_recipe(recipe)
     if backend not in BACKENDS:
@@ -94,13 +99,16 @@ def build_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if text_len is not None and not r.needs_text:
         raise ValueError(f"recipe {recipe!r} has no text outputs; text_len={text_len} does not apply")
+    if text is not None and not r.needs_text:
+        raise ValueError(f"recipe {recipe!r} has no text outputs; text={text!r} does not apply")
     text_len = (text_len or r.text_len) if r.needs_text else None
+    text = (text or DEFAULT_TEXT) if r.needs_text else None
     image_size = image_size or r.image_size
     rank, world_size, local_rank = dist_env(rank, world_size)
     torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
     folder = open_shards(shards)
-    if r.needs_text:
-        folder.require_text(f"recipe {recipe!r}")
+    if text is not None:
+        folder.require_text(f"recipe {recipe!r}", text)
 
     if backend == "synthetic":
         from cxrfast.pipelines.synthetic import SyntheticLoader
@@ -130,7 +138,7 @@ def build_loader(
         raise ValueError(f"std must be > 0, got {std}")
     common = dict(
         recipe=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, mean=mean, std=std,
-        channels=channels, image_size=image_size, text_len=text_len, with_keys=with_keys,
+        channels=channels, image_size=image_size, text_len=text_len, text=text, with_keys=with_keys,
     )
     if backend == "torch":
         from cxrfast.pipelines.torch_loader import TorchLoader

@@ -14,7 +14,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
 from cxrfast.shards.folder import ShardSplit
-from cxrfast.shards.schema import MEMBER_BY_EXT
+from cxrfast.shards.schema import MEMBER_BY_EXT, TEXTS
 
 READER_NAME = "Reader"
 
@@ -33,11 +33,12 @@ def read_shards(
     world_size: int,
     shuffle: bool,
     seed: int,
-    with_text: bool,
+    text: str | None,
     initial_fill: int = 1024,
 ) -> dict[str, DataNode]:
-    """{"jpg": encoded bytes, "labels": int8 [14], "ids": int32 [n] (only with_text)}."""
-    exts = ["jpg", "labels.i8"] + (["ids.i32"] if with_text else [])
+    """{"jpg": encoded bytes, "labels": int8 [14], "ids": int32 [n] (only with a `text`: the ids member
+    of that report text, `schema.TEXTS[text].ids`)}."""
+    exts = ["jpg", "labels.i8"] + ([TEXTS[text].ids] if text is not None else [])
     outs = fn.readers.webdataset(
         paths=[str(p) for p in split.tars],
         index_paths=[str(p) for p in split.idxs],

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from cxrfast.shards.folder import ShardSplit
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Recipe:
     """One augmentation recipe; sizes are defaults that `build_loader(image_size=, text_len=)` override."""
@@ -34,6 +37,19 @@ class Recipe:
     target_factor: int | None = None
     #: emit `image2`, a second independently augmented view of the same decode (MoCo)
     two_views: bool = False
+    #: resampling filter of every resize ("bilinear" | "bicubic"), antialiased when shrinking as
+    #: PIL's resize is behind torchvision's transforms on PIL images
+    interpolation: str
+    #: MRM: `image` is `target` halved by PyTorch's bicubic without antialiasing (MRM resizes the
+    #: 448 batch tensor to 224 in its model), not the crop resized to `image_size` on its own
+    image_from_target: bool = False
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"recipe {self.name!r}: interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.image_from_target and self.target_factor != 2:
+            raise ValueError(f"recipe {self.name!r}: image_from_target halves the target, so target_factor must be 2, "
+                             f"got {self.target_factor}")
 
     @property
     def needs_text(self) -> bool:
@@ -66,6 +82,8 @@ class LoaderConfig:
     channels: int
     image_size: int
     text_len: int | None
+    #: which report text `ids` holds (a name in `schema.TEXTS`); None = no text outputs
+    text: str | None
     with_keys: bool
 
 
@@ -77,26 +95,30 @@ def presize(size: int) -> int:
 RECIPES: dict[str, Recipe] = {
     "mae": Recipe(
         name="mae",
-        doc="MAE-CXR: RandomResizedCrop 224, scale (0.5, 1.0), horizontal flip",
+        doc="MAE-CXR: RandomResizedCrop 224 (bicubic), scale (0.5, 1.0), horizontal flip",
         image_size=224,
         scale=(0.5, 1.0),
         flip=True,
+        interpolation="bicubic",  # medical_mae main_pretrain_multi_datasets_xray.py:170-171
     ),
     "mrm": Recipe(
         name="mrm",
-        doc="MRM: RandomResizedCrop 448, scale (0.2, 1.0), flip; encoder input = the crop at 224, "
-        "target = the crop at 448; report ids padded/truncated to 100",
+        doc="MRM: RandomResizedCrop 448 (bicubic), scale (0.2, 1.0), flip = target; encoder input = the "
+        "target halved by bicubic (no antialias); report ids padded/truncated to 100",
         image_size=224,
         text_len=100,
         scale=(0.2, 1.0),
         flip=True,
         target_factor=2,
+        interpolation="bicubic",  # MRM main_pretrain.py:128
+        image_from_target=True,  # MRM model_mrm.py:236
     ),
     "mgca": Recipe(
         name="mgca",
         doc="MGCA: long side 256, zero pad to 256x256, random crop 224, no flip; ids to 112",
         image_size=224,
         text_len=112,
+        interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py:51-52)
     ),
     "moco": Recipe(
         name="moco",
@@ -105,11 +127,13 @@ RECIPES: dict[str, Recipe] = {
         flip=True,
         rotate=10.0,
         two_views=True,
+        interpolation="bilinear",  # torchvision Resize's default (MoCo-CXR aihc_utils/image_transform.py:10)
     ),
     "eval": Recipe(
         name="eval",
         doc="evaluation: resize short side to 256 (for 224), center crop 224, no randomness",
         image_size=224,
+        interpolation="bilinear",
     ),
 }
 

@@ -52,7 +52,8 @@ class SyntheticLoader:
             pos = torch.arange(text_len)
             mask = pos[None, :] < lengths[:, None]
             ids[:, 0] = special_ids["cls"]
-            ids[torch.arange(b), lengths - 1] = special_ids["sep"]
+            if "sep" in special_ids:  # MRM's tokenizer has no [SEP]
+                ids[torch.arange(b), lengths - 1] = special_ids["sep"]
             ids[~mask] = special_ids["pad"]
             batch["ids"], batch["attention_mask"] = ids, mask.long()
         self._batch = {k: v.to(device) for k, v in batch.items()}

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
@@ -25,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrfast.pipelines.recipes import LoaderConfig, presize
-from cxrfast.shards.schema import decode_member
+from cxrfast.shards.schema import TEXTS, decode_member
 
 SHUFFLE_BUFFER = 1024
 
@@ -34,29 +35,42 @@ def _to_tensor(mean: float, std: float) -> T.Compose:
     return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([mean], [std])])
 
 
+_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
 def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
-    """PIL grayscale image -> {"image": [1,S,S], ...} per the recipe (torchvision transforms)."""
+    """PIL grayscale image -> {"image": [1,S,S], ...} per the recipe (torchvision transforms; on PIL
+    images they resize with PIL, antialiased, as the published code does)."""
     r, size = cfg.recipe, cfg.image_size
+    interp = _INTERP[r.interpolation]
     tensor = _to_tensor(cfg.mean, cfg.std)
     if r.scale is not None and r.target_factor:  # MRM: one crop window, emitted at two sizes
         target = size * r.target_factor
 
         def mrm(img: Image.Image) -> dict[str, torch.Tensor]:
             i, j, h, w = T.RandomResizedCrop.get_params(img, list(r.scale), list(r.ratio))
-            big = TF.resized_crop(img, i, j, h, w, [target, target], antialias=True)
-            small = TF.resized_crop(img, i, j, h, w, [size, size], antialias=True)
+            big = TF.resized_crop(img, i, j, h, w, [target, target], interpolation=interp, antialias=True)
+            small = None if r.image_from_target else TF.resized_crop(
+                img, i, j, h, w, [size, size], interpolation=interp, antialias=True
+            )
             if r.flip and torch.rand(1).item() < 0.5:
-                big, small = TF.horizontal_flip(big), TF.horizontal_flip(small)
-            return {"image": tensor(small), "target": tensor(big)}
+                big = TF.horizontal_flip(big)
+                small = None if small is None else TF.horizontal_flip(small)
+            big_t = tensor(big)
+            if small is None:  # MRM's model: Resize([224, 224], BICUBIC) on the normalised 448 tensor
+                small_t = F.interpolate(big_t[None], size=[size, size], mode="bicubic", align_corners=False)[0]
+            else:
+                small_t = tensor(small)
+            return {"image": small_t, "target": big_t}
 
         return mrm
     if r.scale is not None:  # MAE
-        steps = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio, antialias=True)]
+        steps = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio, interpolation=interp, antialias=True)]
         steps += [T.RandomHorizontalFlip()] if r.flip else []
         mae = T.Compose([*steps, tensor])
         return lambda img: {"image": mae(img)}
     if r.two_views:  # MoCo: one decode + resize, two independent views
-        base = T.Resize(size, antialias=True)
+        base = T.Resize(size, interpolation=interp, antialias=True)
         steps = [T.RandomHorizontalFlip()] if r.flip else []
         steps += [T.RandomRotation(r.rotate)] if r.rotate else []
         view = T.Compose([*steps, T.RandomCrop(size), tensor])
@@ -68,20 +82,23 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
         return moco
     if r.name == "mgca":  # long side 256, zero pad (CenterCrop pads), random crop 224
         canvas = presize(size)
-        mgca = T.Compose([T.Resize(None, max_size=canvas, antialias=True), T.CenterCrop(canvas), T.RandomCrop(size), tensor])
+        mgca = T.Compose([T.Resize(None, max_size=canvas, interpolation=interp, antialias=True), T.CenterCrop(canvas),
+                          T.RandomCrop(size), tensor])
         return lambda img: {"image": mgca(img)}
     if r.name == "eval":
-        ev = T.Compose([T.Resize(presize(size), antialias=True), T.CenterCrop(size), tensor])
+        ev = T.Compose([T.Resize(presize(size), interpolation=interp, antialias=True), T.CenterCrop(size), tensor])
         return lambda img: {"image": ev(img)}
     raise ValueError(f"recipe {r.name!r} has no torchvision transform")
 
 
-def pad_truncate_ids(ids: np.ndarray, *, length: int, pad_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same rule as `text.pad_truncate`: pad with pad_id, or cut and put [SEP] last."""
+def pad_truncate_ids(
+    ids: np.ndarray, *, length: int, pad_id: int, sep_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same rule as `text.pad_truncate`: pad with pad_id, or cut and put [SEP] last (just cut without [SEP])."""
     out = np.full(length, pad_id, dtype=np.int64)
     n = min(len(ids), length)
     out[:n] = ids[:n]
-    if len(ids) > length:
+    if len(ids) > length and sep_id is not None:
         out[-1] = sep_id
     mask = np.zeros(length, dtype=np.int64)
     mask[:n] = 1
@@ -96,6 +113,7 @@ class TarSamples(IterableDataset):
         self.epoch = 0
         self.transform = build_transform(cfg)
         self.special = cfg.split.special_ids if cfg.text_len is not None else None
+        self.ids_member = TEXTS[cfg.text].ids if cfg.text is not None else None
 
     def rank_tars(self) -> list[str]:
         tars = [str(p) for p in self.cfg.split.tars]
@@ -121,9 +139,9 @@ class TarSamples(IterableDataset):
             out = {k: v.expand(self.cfg.channels, -1, -1).contiguous() for k, v in out.items()}
         out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
         if self.special is not None:
-            ids = decode_member("ids.i32", sample.get("ids.i32", b""))
+            ids = decode_member(self.ids_member, sample.get(self.ids_member, b""))
             out["ids"], out["attention_mask"] = pad_truncate_ids(
-                ids, length=self.cfg.text_len, pad_id=self.special["pad"], sep_id=self.special["sep"]
+                ids, length=self.cfg.text_len, pad_id=self.special["pad"], sep_id=self.special.get("sep")
             )
         if self.cfg.with_keys:
             out["key"] = sample["__key__"]

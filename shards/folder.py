@@ -118,12 +118,18 @@ class ShardFolder:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        """{pad, unk, cls, sep, mask} token ids."""
+        """{pad, unk, cls, mask[, sep]} token ids ("sep" only when the tokenizer has [SEP]; MRM's has none)."""
         special = {k: int(v) for k, v in self.tokenizer_info["special_ids"].items()}
-        missing = {"pad", "unk", "cls", "sep", "mask"} - set(special)
+        missing = set(schema.REQUIRED_SPECIAL) - set(special)
         if missing:
             raise ValueError(f"{self.manifest_path}: tokenizer special_ids lacks {sorted(missing)}")
         return special
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """Names (in `schema.TEXTS`) of the report texts the samples carry; folders written before the
+        whole report was stored carry findings + impression only."""
+        return tuple(self.tokenizer_info.get("texts") or (schema.DEFAULT_TEXT,))
 
     @property
     def vocab_size(self) -> int | None:
@@ -143,13 +149,22 @@ class ShardFolder:
 
         return Tokenizer.from_file(str(self.tokenizer_path)).get_vocab(with_added_tokens=True)
 
-    def require_text(self, who: str) -> None:
-        """ValueError naming `who` (a method or augmentation) when the shards carry no reports."""
+    def require_text(self, who: str, text: str = schema.DEFAULT_TEXT) -> None:
+        """ValueError naming `who` (a method or augmentation) when the shards carry no reports, or not
+        the report text `text` (a name in `schema.TEXTS`)."""
+        if text not in schema.TEXTS:
+            raise ValueError(f"unknown report text {text!r}; choose one of {sorted(schema.TEXTS)}")
+        member = schema.TEXTS[text].ids
         if not self.has_text:
             raise ValueError(
-                f"{self.manifest_path}: {who} needs report token ids (ids.i32) but these shards have none "
+                f"{self.manifest_path}: {who} needs report token ids ({member}) but these shards have none "
                 f"(dataset {self.dataset!r}, tokenizer null); use MIMIC-CXR shards built with --reports, "
                 "or an image-only method"
+            )
+        if text not in self.texts:
+            raise ValueError(
+                f"{self.manifest_path}: {who} needs the {text!r} report text ({member}) but these shards carry "
+                f"only {list(self.texts)}; re-shard with this version of `cxrfast shard mimic` to add it"
             )
 
     # --- images ----------------------------------------------------------------------------

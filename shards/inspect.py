@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from cxrfast.shards.manifest import file_sha256, read_manifest
 from cxrfast.shards.schema import (
+    DEFAULT_TEXT,
     LABEL_NAMES,
     MANIFEST,
     MANIFEST_FIELDS,
@@ -24,6 +25,7 @@ from cxrfast.shards.schema import (
     REQUIRED_EXTS,
     SKIPPED,
     SPLITS,
+    TEXTS,
     decode_member,
 )
 from cxrfast.shards.tarwriter import index_from_tar
@@ -64,6 +66,41 @@ class InspectReport:
         return "\n".join(lines)
 
 
+def _carried_texts(members: dict[str, bytes], tok: dict) -> list[str]:
+    """The report texts to check in a sample: those it has, and when it has a report, every text the
+    manifest says the samples carry."""
+    has_report = any(t.ids in members or t.txt in members for t in TEXTS.values())
+    promised = tok.get("texts") or [DEFAULT_TEXT]
+    return [n for n, t in TEXTS.items() if t.ids in members or t.txt in members or (has_report and n in promised)]
+
+
+def _check_text(key: str, name: str, members: dict[str, bytes], tok: dict, rep: InspectReport, where: str) -> None:
+    """One report text of a sample: ids and text together, [CLS] first, [SEP] last (when the tokenizer
+    has one), ids inside the vocabulary."""
+    p, t = rep.problems, TEXTS[name]
+    if (t.ids in members) != (t.txt in members):
+        have, lack = (t.ids, t.txt) if t.ids in members else (t.txt, t.ids)
+        p.append(f"{where}: {key} has {have} without {lack}")
+        return
+    if t.ids not in members:
+        p.append(f"{where}: {key} has a report but no {name!r} text ({t.ids}), which the manifest lists")
+        return
+    if len(members[t.ids]) % 4:
+        p.append(f"{where}: {key}.{t.ids} is {len(members[t.ids])} bytes, not a multiple of 4")
+        return
+    ids = decode_member(t.ids, members[t.ids])
+    sp = tok.get("special_ids", {})
+    if not tok:
+        p.append(f"{where}: {key} has {t.ids} but the manifest has no tokenizer")
+    elif ids.size < 1 or ids[0] != sp.get("cls") or ("sep" in sp and (ids.size < 2 or ids[-1] != sp["sep"])):
+        p.append(f"{where}: {key}.{t.ids} does not start with [CLS]" + (" and end with [SEP]" if "sep" in sp else ""))
+    elif ids.min() < 0 or ids.max() >= tok["vocab_size"]:
+        p.append(f"{where}: {key}.{t.ids} holds ids outside [0, {tok['vocab_size']})")
+    if name == DEFAULT_TEXT:
+        rep.token_lengths.append(int(ids.size))
+        rep.report_words.append(len(members[t.txt].decode("utf-8", errors="replace").split()))
+
+
 def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dict, rep: InspectReport, where: str) -> None:
     import cv2
 
@@ -83,25 +120,10 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dic
         else:
             for name, v in zip(LABEL_NAMES, lab.tolist(), strict=True):
                 rep.prevalence.setdefault(name, Counter())[_CODES[v]] += 1
-    has_ids, has_txt = "ids.i32" in members, "txt" in members
-    if has_ids != has_txt:
-        p.append(f"{where}: {key} has {'ids.i32' if has_ids else 'txt'} without {'txt' if has_ids else 'ids.i32'}")
-    if has_ids:
-        if len(members["ids.i32"]) % 4:
-            p.append(f"{where}: {key}.ids.i32 is {len(members['ids.i32'])} bytes, not a multiple of 4")
-        else:
-            ids = decode_member("ids.i32", members["ids.i32"])
-            tok = manifest.get("tokenizer") or {}
-            sp = tok.get("special_ids", {})
-            if not tok:
-                p.append(f"{where}: {key} has ids.i32 but the manifest has no tokenizer")
-            elif ids.size < 2 or ids[0] != sp.get("cls") or ids[-1] != sp.get("sep"):
-                p.append(f"{where}: {key}.ids.i32 does not start with [CLS] and end with [SEP]")
-            elif ids.min() < 0 or ids.max() >= tok["vocab_size"]:
-                p.append(f"{where}: {key}.ids.i32 holds ids outside [0, {tok['vocab_size']})")
-            rep.token_lengths.append(int(ids.size))
-        rep.report_words.append(len(members.get("txt", b"").decode("utf-8", errors="replace").split()))
-    else:
+    tok = manifest.get("tokenizer") or {}
+    for name in _carried_texts(members, tok):
+        _check_text(key, name, members, tok, rep, where)
+    if TEXTS[DEFAULT_TEXT].ids not in members:
         rep.without_report += 1
     if "json" in members:
         try:

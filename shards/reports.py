@@ -13,7 +13,8 @@ Headers are upper-case words at the start of a line followed by a colon; FINDING
 IMPRESSION / CONCLUSION (and combinations such as `FINDINGS AND IMPRESSION`) are also
 recognised on a line of their own without a colon. The text used for training is findings +
 impression (either alone when only one exists); a report with neither falls back to its last
-section, the rule of MIMIC-CXR's own section parser.
+section, the rule of MIMIC-CXR's own section parser. The whole report (whitespace collapsed) is
+kept too: MRM trains on it.
 """
 
 from __future__ import annotations
@@ -165,7 +166,15 @@ class ReportStore:
 @dataclass(frozen=True, slots=True)
 class Report:
     sections: dict[str, str]
+    #: findings + impression (`training_text`)
     text: str | None
+    #: the whole report, whitespace collapsed (MRM trains on it)
+    full: str
+
+    def texts(self) -> dict[str, str]:
+        """The texts the shards tokenize, by their name in `schema.TEXTS`."""
+        assert self.text is not None
+        return {"findings_impression": self.text, "report": self.full}
 
 
 def parse_report(raw: str | None) -> Report | None:
@@ -174,4 +183,4 @@ def parse_report(raw: str | None) -> Report | None:
         return None
     sections = split_sections(raw)
     text = training_text(sections)
-    return Report(sections, text) if text else None
+    return Report(sections, text, normalize_spaces(raw)) if text else None

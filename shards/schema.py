@@ -52,12 +52,40 @@ class Member:
 MEMBERS: tuple[Member, ...] = (
     Member("jpg", None, True, "8-bit single-channel JPEG, long side <= max_size"),
     Member("labels.i8", np.dtype("<i1"), True, "14 int8 label codes in LABEL_NAMES order"),
-    Member("ids.i32", np.dtype("<i4"), False, "report token ids incl. [CLS]/[SEP], no padding"),
-    Member("txt", None, False, "report text the ids were made from (UTF-8)"),
+    Member("ids.i32", np.dtype("<i4"), False, "token ids of findings + impression: [CLS] ... [SEP] (no [SEP] "
+           "when the tokenizer has none), no padding"),
+    Member("txt", None, False, "the findings + impression text ids.i32 was made from (UTF-8)"),
+    Member("report.ids.i32", np.dtype("<i4"), False, "token ids of the whole report, same rules as ids.i32"),
+    Member("report.txt", None, False, "the whole report, whitespace collapsed, report.ids.i32 was made from"),
     Member("json", None, True, "sample metadata (UTF-8 JSON), see METADATA_FIELDS"),
 )
 MEMBER_BY_EXT: dict[str, Member] = {m.ext: m for m in MEMBERS}
 REQUIRED_EXTS: tuple[str, ...] = tuple(m.ext for m in MEMBERS if m.required)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportText:
+    """One tokenized text of a report: its ids member and the text member it was made from."""
+
+    ids: str
+    txt: str
+    doc: str
+
+
+#: The report texts a sample may carry (both, or neither), by the name `build_loader(text=...)` takes.
+TEXTS: dict[str, ReportText] = {
+    "findings_impression": ReportText("ids.i32", "txt", "findings + impression (either alone when only one "
+                                      "exists), MGCA's text"),
+    "report": ReportText("report.ids.i32", "report.txt", "the whole report, headers included: MRM's text "
+                         "(its training.csv report_content)"),
+}
+DEFAULT_TEXT = "findings_impression"
+
+#: Special tokens a report tokenizer must have ({name: id} in the manifest's "special_ids"). "sep" is
+#: optional: MRM's published tokenizer (`mimic_wordpiece.json`: [PAD] [UNK] [CLS] [MASK], no
+#: post-processor) has no [SEP]; MRM prefixes each report with "[CLS] " (pretrain_datasets.py:59),
+#: so its sequences end without [SEP] and truncation just cuts.
+REQUIRED_SPECIAL: tuple[str, ...] = ("pad", "unk", "cls", "mask")
 
 #: Keys of `KEY.json`.
 METADATA_FIELDS: tuple[str, ...] = (
@@ -135,7 +163,8 @@ def decode_member(ext: str, payload: bytes) -> np.ndarray | bytes:
 # --- manifest.json ---------------------------------------------------------------------
 #: Top-level keys of manifest.json. "splits" maps split -> list of
 #: {"tar": name, "idx": name, "samples": int, "bytes": int, "sha256": hex};
-#: "tokenizer" is {"file": "tokenizer.json", "vocab_size": int, "special_ids": {"pad","unk","cls","sep","mask"}};
+#: "tokenizer" is {"file": "tokenizer.json", "vocab_size": int, "special_ids": {"pad","unk","cls","mask"[,"sep"]},
+#: "texts": names in TEXTS the samples carry (absent in older folders: findings_impression only)};
 #: "skipped" maps reason -> count; "pixel_stats" is {"mean": float, "std": float} on the 0..1 scale.
 MANIFEST_FIELDS: tuple[str, ...] = (
     "format_version",

@@ -10,11 +10,16 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from cxrfast.shards.schema import REQUIRED_SPECIAL, TEXTS
+
 SPECIAL_TOKENS: dict[str, str] = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
 def _bert_template(tok: Tokenizer) -> processors.TemplateProcessing:
+    """BERT's `[CLS] $A [SEP]`, or `[CLS] $A` for a tokenizer without [SEP] (MRM's)."""
     cls, sep = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"]
+    if tok.token_to_id(sep) is None:
+        return processors.TemplateProcessing(single=f"{cls} $A", special_tokens=[(cls, tok.token_to_id(cls))])
     return processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
         pair=f"{cls} $A {sep} $B:1 {sep}:1",
@@ -75,7 +80,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 30000, *, workdir: P
 def load_tokenizer(path: Path) -> Tokenizer:
     """A local HF tokenizer: `tokenizer.json`, or a folder holding tokenizer.json or vocab.txt
     (lower-casing from tokenizer_config.json's do_lower_case, default True). A tokenizer without
-    a post-processor gets BERT's `[CLS] $A [SEP]` template."""
+    a post-processor gets BERT's `[CLS] $A [SEP]` template, or `[CLS] $A` when it has no [SEP]
+    (MRM's `mimic_wordpiece.json`: the ids are then those of MRM's `encode("[CLS] " + report)`)."""
     path = Path(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
@@ -106,14 +112,15 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer, *, source: str = "tokenizer") -> dict[str, int]:
-    """{pad, unk, cls, sep, mask} -> id; ValueError naming the missing tokens."""
+    """{pad, unk, cls, mask[, sep]} -> id ("sep" only when the tokenizer has [SEP]); ValueError
+    naming the missing required tokens."""
     ids = {k: tok.token_to_id(t) for k, t in SPECIAL_TOKENS.items()}
-    missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
+    missing = [SPECIAL_TOKENS[k] for k in REQUIRED_SPECIAL if ids[k] is None]
     if missing:
         raise ValueError(f"{source}: the tokenizer lacks special tokens {missing}")
-    return {k: int(v) for k, v in ids.items()}  # type: ignore[arg-type]
+    return {k: int(v) for k, v in ids.items() if v is not None}
 
 
 def tokenizer_manifest(tok: Tokenizer, file: str) -> dict:
-    """The manifest's "tokenizer" entry."""
-    return {"file": file, "vocab_size": tok.get_vocab_size(), "special_ids": special_ids(tok)}
+    """The manifest's "tokenizer" entry (with the report texts every sample with a report carries)."""
+    return {"file": file, "vocab_size": tok.get_vocab_size(), "special_ids": special_ids(tok), "texts": list(TEXTS)}

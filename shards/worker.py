@@ -19,7 +19,14 @@ from cxrfast.shards.images import ImageError, encode_jpeg, load_resize
 from cxrfast.shards.manifest import record_path, write_json_atomic
 from cxrfast.shards.pixel_stats import PixelHistogram
 from cxrfast.shards.reports import ReportStore, parse_report
-from cxrfast.shards.schema import METADATA_FIELDS, ids_to_bytes, idx_name, labels_to_bytes
+from cxrfast.shards.schema import (
+    DEFAULT_TEXT,
+    METADATA_FIELDS,
+    TEXTS,
+    ids_to_bytes,
+    idx_name,
+    labels_to_bytes,
+)
 from cxrfast.shards.tarwriter import IndexedTarWriter
 
 _REPORTS: dict[Path, ReportStore] = {}
@@ -124,10 +131,11 @@ def write_tar(task: TarTask) -> dict:
                 else:
                     sections = rep.sections
                     assert tok is not None and rep.text is not None
-                    ids = tok.encode(rep.text).ids
-                    tokens += len(ids)
-                    members["txt"] = rep.text.encode("utf-8")
-                    members["ids.i32"] = ids_to_bytes(ids)
+                    for name, text in rep.texts().items():
+                        ids = tok.encode(text).ids
+                        members[TEXTS[name].txt] = text.encode("utf-8")
+                        members[TEXTS[name].ids] = ids_to_bytes(ids)
+                        tokens += len(ids) if name == DEFAULT_TEXT else 0
             meta = {
                 "dataset": task.dataset,
                 "subject_id": str(row["subject_id"]),

@@ -66,3 +66,27 @@ def chexpert_shards(chexpert_raw: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("chexpert_shards") / "chexpert"
     shard_chexpert(root=chexpert_raw / "CheXpert-v1.0-small", out=out, samples_per_tar=8, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def mrm_tokenizer(mimic_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer in the layout of MRM's published `mimic_wordpiece.json` (no [SEP], no post-processor),
+    trained on the synthetic reports."""
+    import zipfile
+
+    from shard_tiny import write_mrm_style_tokenizer
+
+    with zipfile.ZipFile(mimic_raw / "mimic-cxr-reports.zip") as z:
+        texts = [z.read(n).decode() for n in z.namelist() if n.endswith(".txt")]
+    return write_mrm_style_tokenizer(tmp_path_factory.mktemp("mrm_tok") / "mimic_wordpiece.json", texts)
+
+
+@pytest.fixture(scope="session")
+def mimic_shards_mrm_tokenizer(mimic_raw: Path, mrm_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mimic_shards` tokenized with the MRM-style tokenizer (`--tokenizer mimic_wordpiece.json`)."""
+    from cxrfast.shards.build import shard_mimic
+
+    out = tmp_path_factory.mktemp("mimic_shards_mrm_tok") / "mimic"
+    shard_mimic(root=mimic_raw, reports=mimic_raw / "mimic-cxr-reports.zip", out=out, samples_per_tar=8,
+                workers=2, tokenizer=mrm_tokenizer)
+    return out

@@ -95,3 +95,21 @@ def make_tiny_chexpert(parent: Path, *, patients: int = 8, seed: int = 0) -> Pat
                 rows.append([rel, "Female" if k % 2 else "Male", 40 + k, fl, appa, *labs])
         (root / csv).write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     return root
+
+
+def write_mrm_style_tokenizer(path: Path, texts: list[str], vocab_size: int = 400) -> Path:
+    """A tokenizer.json laid out like MRM's published `mimic_wordpiece.json`: WordPiece with
+    [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3 and no [SEP], Lowercase + NFKD + StripAccents, Whitespace +
+    Digits pre-tokenizer, no post-processor (MRM writes "[CLS] " + report itself)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[MASK]"], show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert tok.post_processor is None and tok.token_to_id("[SEP]") is None
+    tok.save(str(path))
+    return path

@@ -58,8 +58,8 @@ SCRIPT = textwrap.dedent(
                                   BLOCK_P=triton.next_power_of_2(p))
                     compile_(mp._patch_mse_kernel, sig, consts, arch)
         sig = dict(ids_ptr="*i64", word_start_ptr="*u8", special_ptr="*i64", u_word_ptr="*fp32",
-                   u_replace_ptr="*fp32", random_ids_ptr="*i64", out_ptr="*i64", labels_ptr="*i64", L=I, S=I,
-                   prob="fp32", mask_id=I, BLOCK_L="constexpr")
+                   u_replace_ptr="*fp32", ranks_ptr="*i64", out_ptr="*i64", labels_ptr="*i64", L=I, S=I,
+                   prob="fp32", p_mask="fp32", p_mask_or_random="fp32", mask_id=I, BLOCK_L="constexpr")
         compile_(ml._mask_tokens_kernel, sig, dict(BLOCK_L=128), arch)
     print("compiled all")
     """

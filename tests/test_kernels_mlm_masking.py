@@ -1,4 +1,5 @@
-"""mask_tokens: Triton kernel (CPU interpreter) vs the PyTorch reference, whole-word BERT statistics."""
+"""mask_tokens: Triton kernel (CPU interpreter) vs the PyTorch reference; whole-word statistics of
+BERT's 80/10/10 and of MRM's always-[MASK] replacement; random replacements never special; awkward shapes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ DEVICE = "cpu" if _dispatch.interpreter_active() or not torch.cuda.is_available(
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL = torch.tensor([PAD, UNK, CLS, SEP, MASK])
 VOCAB = 1000
+BERT = dict(replace_mask=0.8, replace_random=0.1)  # BERT: 80% [MASK], 10% random, 10% kept
+MRM = dict(replace_mask=1.0, replace_random=0.0)  # MRM: always [MASK] (pretrain_datasets.py:49-51)
 
 
 def _batch(b: int, length: int, seed: int = 0, start_prob: float = 0.6):
@@ -33,21 +36,59 @@ def _batch(b: int, length: int, seed: int = 0, start_prob: float = 0.6):
     return ids.to(DEVICE), word_start.to(DEVICE)
 
 
-def _mask(impl: str, ids, word_start, prob: float = 0.5, seed: int = 0):
+def _mask(impl: str, ids, word_start, prob: float = 0.5, seed: int = 0, replace: dict = BERT,
+          special: torch.Tensor = SPECIAL, vocab: int = VOCAB, mask_id: int = MASK):
     return mask_tokens(
-        ids, word_start, prob=prob, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL.to(DEVICE),
-        generator=torch.Generator(device=DEVICE).manual_seed(seed), impl=impl,
+        ids, word_start, prob=prob, mask_id=mask_id, vocab_size=vocab, special_ids=special.to(DEVICE),
+        generator=torch.Generator(device=DEVICE).manual_seed(seed), impl=impl, **replace,
     )  # fmt: skip
+
+
+REPLACEMENTS = [BERT, MRM, dict(replace_mask=0.0, replace_random=1.0), dict(replace_mask=0.3, replace_random=0.7)]
 
 
 @pytest.mark.parametrize(("b", "length"), [(1, 1), (1, 13), (3, 100), (2, 130)])
 @pytest.mark.parametrize("prob", [0.5, 0.15, 1.0])
-def test_triton_matches_reference(b: int, length: int, prob: float) -> None:
+@pytest.mark.parametrize("replace", REPLACEMENTS, ids=["bert", "mrm", "random", "mask_or_random"])
+def test_triton_matches_reference(b: int, length: int, prob: float, replace: dict) -> None:
     ids, word_start = _batch(b, length, seed=length)
-    ref = _mask("reference", ids, word_start, prob)
-    tri = _mask("triton", ids, word_start, prob)
+    ref = _mask("reference", ids, word_start, prob, replace=replace)
+    tri = _mask("triton", ids, word_start, prob, replace=replace)
     assert tri[0].dtype == torch.int64 and tri[1].dtype == torch.int64
     assert torch.equal(tri[0], ref[0]) and torch.equal(tri[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    ("b", "length", "layout"),
+    [(1, 1, "all_pad"), (5, 3, "no_specials"), (2, 257, "ragged"), (7, 64, "one_word"), (3, 31, "non_contiguous")],
+)
+def test_awkward_shapes_match_reference(b: int, length: int, layout: str) -> None:
+    """Odd and power-of-two-plus-one lengths, batch 1, rows of nothing but padding, no special token at all,
+    a whole row as one word, a non-contiguous view; specials spread over the vocabulary (not 0..4)."""
+    special = torch.tensor([0, 7, 100, 523, 999])  # ascending, incl. the last id of the vocabulary
+    g = torch.Generator().manual_seed(b * 1000 + length)
+    ids = torch.randint(1, VOCAB - 1, (b, length * (2 if layout == "non_contiguous" else 1)), generator=g)
+    ids[torch.isin(ids, special)] = 8
+    word_start = torch.rand(ids.shape, generator=g) < 0.5
+    if layout == "all_pad":
+        ids[:] = 0
+    elif layout == "ragged":
+        ids[0, 100:] = 0
+        ids[:, 0] = 523
+    elif layout == "one_word":
+        word_start[:] = False
+    elif layout == "non_contiguous":
+        ids, word_start = ids[:, ::2], word_start[:, ::2]
+        assert not ids.is_contiguous()
+    ids, word_start = ids.to(DEVICE), word_start.to(DEVICE)
+    for replace in (BERT, MRM):
+        ref = _mask("reference", ids, word_start, 0.5, replace=replace, special=special, mask_id=7)
+        tri = _mask("triton", ids, word_start, 0.5, replace=replace, special=special, mask_id=7)
+        assert torch.equal(tri[0], ref[0]) and torch.equal(tri[1], ref[1]), (layout, replace)
+        masked = ref[1] != IGNORE_INDEX
+        assert not masked[torch.isin(ids, special.to(DEVICE))].any()
+        if layout == "one_word":  # a row is one word: all of it or none of it
+            assert all(int(r.sum()) in (0, length) for r in masked)
 
 
 def _word_index(ids: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
@@ -57,7 +98,7 @@ def _word_index(ids: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_whole_words_specials_and_80_10_10(impl: str) -> None:
     ids, word_start = _batch(64, 100, seed=1)
-    out, labels = _mask(impl, ids, word_start, prob=0.5, seed=2)
+    out, labels = _mask(impl, ids, word_start, prob=0.5, seed=2, replace=BERT)
     special = torch.isin(ids, SPECIAL.to(DEVICE))
     masked = labels != IGNORE_INDEX
     # Specials (incl. padding) are never masked nor changed.
@@ -83,6 +124,42 @@ def test_whole_words_specials_and_80_10_10(impl: str) -> None:
     assert abs(frac_mask - 0.8) < 0.04 and abs(frac_kept - 0.1) < 0.03, (frac_mask, frac_kept, n)
     rand = out[masked & (out != MASK) & (out != ids)]
     assert rand.min() >= 0 and rand.max() < VOCAB
+    assert not torch.isin(rand, SPECIAL.to(DEVICE)).any()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_mrm_always_mask_whole_words_at_half(impl: str) -> None:
+    """MRM: 50% of the words, every token of a chosen word, and always [MASK] (never a random or kept token)."""
+    ids, word_start = _batch(64, 100, seed=3)
+    out, labels = _mask(impl, ids, word_start, prob=0.5, seed=4, replace=MRM)
+    special = torch.isin(ids, SPECIAL.to(DEVICE))
+    masked = labels != IGNORE_INDEX
+    assert (out[masked] == MASK).all()
+    assert torch.equal(out[~masked], ids[~masked]) and torch.equal(labels[masked], ids[masked])
+    word = _word_index(ids, word_start)
+    chosen = []
+    for i in range(ids.shape[0]):
+        for w in torch.unique(word[i][~special[i]]).tolist():
+            members = masked[i][(word[i] == w) & ~special[i]]
+            assert members.all() or not members.any()  # whole words
+            chosen.append(bool(members.all()))
+    assert abs(sum(chosen) / len(chosen) - 0.5) < 0.05, (sum(chosen), len(chosen))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_random_replacements_are_uniform_over_non_special_ids(impl: str) -> None:
+    """With replace_random=1 every masked token gets a random id: never a special one (wherever the
+    specials sit in the vocabulary, given in any order), and every non-special id can come up."""
+    vocab, special = 12, torch.tensor([0, 1, 2, 5, 11])
+    ids = torch.full((256, 40), 6, dtype=torch.int64)
+    ids[:, 0], ids[:, -3:] = 2, 0
+    word_start = torch.ones_like(ids, dtype=torch.bool)
+    out, labels = _mask(impl, ids.to(DEVICE), word_start.to(DEVICE), prob=1.0, seed=5,
+                        replace=dict(replace_mask=0.0, replace_random=1.0), special=special, vocab=vocab, mask_id=1)
+    drawn = out[labels != IGNORE_INDEX]
+    assert set(drawn.unique().tolist()) == {3, 4, 6, 7, 8, 9, 10}
+    counts = torch.bincount(drawn, minlength=vocab)[[3, 4, 6, 7, 8, 9, 10]].float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.15  # uniform
 
 
 def test_probability_edges_and_determinism() -> None:
@@ -127,6 +204,12 @@ def test_continuations_follow_their_word_start() -> None:
     ("kwargs", "match"),
     [
         (dict(prob=1.5), "prob"),
+        (dict(replace_mask=-0.1), "replace_mask"),
+        (dict(replace_mask=0.8, replace_random=0.3), "replace_mask \\+ replace_random"),
+        (dict(special_ids=torch.tensor([4, 0])), "ascending"),
+        (dict(special_ids=torch.tensor([0, 0, 4])), "distinct"),
+        (dict(special_ids=torch.tensor([0, VOCAB])), "in \\[0, 1000\\)"),
+        (dict(vocab_size=5, mask_id=4, replace_random=0.1), "every id of the vocabulary is special"),
         (dict(mask_id=VOCAB), "mask_id"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(special_ids=torch.tensor([[0]])), "special_ids"),
@@ -140,7 +223,7 @@ def test_continuations_follow_their_word_start() -> None:
 def test_bad_input_raises(kwargs: dict, match: str, impl: str) -> None:
     args = dict(
         ids=torch.zeros(2, 5, dtype=torch.int64), word_start=torch.ones(2, 5, dtype=torch.bool),
-        prob=0.5, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL,
+        prob=0.5, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, **BERT,
     )  # fmt: skip
     args.update(kwargs)
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
@@ -152,7 +235,7 @@ def test_bad_input_raises(kwargs: dict, match: str, impl: str) -> None:
 def test_reference_agrees_with_auto_on_cpu() -> None:
     ids, word_start = _batch(2, 17, seed=4)
     ids, word_start = ids.cpu(), word_start.cpu()
-    kw = dict(prob=0.5, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL)
+    kw = dict(prob=0.5, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, **MRM)
     auto = mask_tokens(ids, word_start, generator=torch.Generator().manual_seed(0), **kw)
     ref = mask_tokens_reference(ids, word_start, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])

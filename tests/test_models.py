@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,42 @@ def test_pos_embed_layout():
     assert torch.equal(pe[2, 8:], pe[1, 8:]) and not torch.equal(pe[2, :8], pe[1, :8])
     assert torch.equal(pe[4, :8], pe[1, :8]) and not torch.equal(pe[4, 8:], pe[1, 8:])
     assert torch.allclose(pe[1, :4], torch.zeros(4)) and torch.allclose(pe[1, 4:8], torch.ones(4))  # sin 0, cos 0
+
+
+def published_sincos(embed_dim: int, grid_size: int, variant: str) -> np.ndarray:
+    """MAE's / MRM's util/pos_embed.py `get_2d_sincos_pos_embed(..., cls_token=True)`, transcribed in NumPy:
+    the two differ in one line only, the frequency exponent (MAE `omega /= d / 2.`, MRM `omega / d / 2.`)."""
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(d // 2, dtype=np.float64)
+        omega = omega / (d / 2.0) if variant == "mae" else omega / d / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(g, g), axis=0).reshape([2, 1, grid_size, grid_size])  # w goes first
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+@pytest.mark.parametrize(("dim", "grid"), [(768, 14), (384, 14), (64, 4), (512, 7)])
+def test_pos_embed_variants_match_the_published_formulas(dim, grid):
+    for variant in ("mae", "mrm"):
+        ours = sincos_2d(dim, grid, cls_token=True, variant=variant).double().numpy()
+        assert np.allclose(ours, published_sincos(dim, grid, variant), atol=1e-6), variant
+    assert not np.allclose(published_sincos(dim, grid, "mae"), published_sincos(dim, grid, "mrm"), atol=1e-3)
+
+
+def test_pos_embed_switch_sets_encoder_decoder_and_export():
+    mae = tiny("mae_vit_tiny_test")
+    mrm_tables = tiny("mae_vit_tiny_test", pos_embed="mrm")
+    assert torch.equal(mae.pos_embed[0], sincos_2d(64, 4, cls_token=True, variant="mae"))
+    assert torch.equal(mrm_tables.pos_embed[0], sincos_2d(64, 4, cls_token=True, variant="mrm"))
+    assert torch.equal(mrm_tables.decoder_pos_embed[0], sincos_2d(32, 4, cls_token=True, variant="mrm"))
+    assert torch.equal(mrm_tables.encoder_state_dict_timm()["pos_embed"], mrm_tables.pos_embed)
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        tiny("mae_vit_tiny_test", pos_embed="rope")
 
 
 @pytest.mark.parametrize("name", ["mae_vit_tiny_test", "mrm_vit_tiny_test"])
@@ -291,8 +328,11 @@ def test_grad_checkpointing_same_gradients(name, monkeypatch):
 
 
 def test_mlm_loss_on_masked_positions_vs_all_positions():
-    masked_only = tiny("mrm_vit_tiny_test").eval()
-    all_pos = tiny("mrm_vit_tiny_test", mlm_all_positions=True).eval()
+    """MRM's switches: always [MASK], and the published loss, cross-entropy against the unmasked ids
+    at every position of the padded batch ([CLS], [SEP] and padding included, labels never -100)."""
+    mrm = dict(mlm_replace_mask=1.0, mlm_replace_random=0.0)
+    masked_only = tiny("mrm_vit_tiny_test", **mrm).eval()
+    all_pos = tiny("mrm_vit_tiny_test", mlm_all_positions=True, **mrm).eval()
     all_pos.load_state_dict(masked_only.state_dict())
     batch = mrm_batch(2)
     with torch.no_grad():
@@ -304,17 +344,64 @@ def test_mlm_loss_on_masked_positions_vs_all_positions():
         # the same draw by hand
         torch.manual_seed(7)
         word_start = batch["attention_mask"].bool() & ~text_kwargs()["wordpiece_continuation"][batch["ids"]]
-        masked_ids, labels = mask_tokens(batch["ids"], word_start, prob=0.5, mask_id=SPECIAL["mask"], vocab_size=V,
-                                         special_ids=torch.arange(5), impl="reference")
+        masked_ids, labels = mask_tokens(batch["ids"], word_start, prob=0.5, replace_mask=1.0, replace_random=0.0,
+                                         mask_id=SPECIAL["mask"], vocab_size=V, special_ids=torch.arange(5),
+                                         impl="reference")  # fmt: skip
         feature = masked_only.text_proj(latent[:, 1:].mean(1))
         logits = masked_only.text(masked_ids, batch["attention_mask"], feature)
     sel = labels != -100
     assert 0 < sel.sum() < batch["attention_mask"].sum()
+    assert (masked_ids[sel] == SPECIAL["mask"]).all()  # MRM: always [MASK]
     assert torch.all(batch["attention_mask"].bool()[sel])  # never padding, never beyond the report
     assert not torch.isin(batch["ids"][sel], torch.arange(5)).any()  # never special tokens
     assert torch.allclose(loss_masked, F.cross_entropy(logits[sel], labels[sel]), rtol=1e-5)
-    assert torch.allclose(loss_all, F.cross_entropy(logits.flatten(0, 1), batch["ids"].flatten()), rtol=1e-5)
+    # MRM's MyBertMaskedLM: CrossEntropyLoss() (mean, ignore_index -100 never hit) over labels = the unmasked ids
+    published = torch.nn.CrossEntropyLoss()(logits.view(-1, V), batch["ids"].view(-1))
+    assert torch.allclose(loss_all, published, rtol=1e-5)
+    pad = batch["ids"] == SPECIAL["pad"]
+    assert pad.any() and not torch.allclose(loss_all, F.cross_entropy(logits[~pad], batch["ids"][~pad]))
     assert not torch.allclose(loss_masked, loss_all)
+
+
+def test_bert_init_as_published_by_mrm():
+    """text_init="mrm": xavier-uniform on every BERT Linear (MRM's initialize_weights reaches the BERT),
+    embeddings N(0, 0.02) with a zero padding row; text_tie_decoder=False: the MLM decoder has its own
+    weight (MyBertMaskedLM re-creates `bert` after tying). Defaults: transformers' BERT init, tied."""
+    model = tiny("mrm_vit_tiny_test", vocab_size=3000, text_init="mrm", text_tie_decoder=False,
+                 wordpiece_continuation=torch.zeros(3000, dtype=torch.bool), text_width=256, text_heads=4,
+                 text_intermediate=1024)  # fmt: skip
+    mlm = model.text.mlm
+    decoder, emb = mlm.cls.predictions.decoder, mlm.bert.embeddings.word_embeddings
+    assert decoder.weight is not emb.weight
+    linears = [m for m in mlm.modules() if isinstance(m, torch.nn.Linear)]
+    assert decoder in linears and len(linears) == 6 * model.cfg.text_depth + 2  # 6 per layer, head transform, decoder
+    for m in linears:
+        bound = math.sqrt(6 / (m.in_features + m.out_features))
+        w = m.weight.detach()
+        assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+        assert m.bias is None or not m.bias.any()
+    assert abs(emb.weight.std().item() - 0.02) < 0.002 and not emb.weight[SPECIAL["pad"]].any()
+    default = tiny("mrm_vit_tiny_test", vocab_size=3000, wordpiece_continuation=torch.zeros(3000, dtype=torch.bool),
+                   text_width=256, text_heads=4, text_intermediate=1024).text.mlm  # fmt: skip
+    assert default.cls.predictions.decoder.weight is default.bert.embeddings.word_embeddings.weight
+    q = default.bert.encoder.layer[0].attention.self.query.weight
+    assert abs(q.std().item() - 0.02) < 0.002  # BERT's N(0, 0.02), not xavier (std 0.051 for 256x256)
+    with pytest.raises(ValueError, match="text_init"):
+        tiny("mrm_vit_tiny_test", text_init="xavier")
+    with pytest.raises(ValueError, match="mlm_replace_mask"):
+        tiny("mrm_vit_tiny_test", mlm_replace_mask=0.95, mlm_replace_random=0.1)
+
+
+def test_mrm_with_a_tokenizer_without_sep():
+    """MRM's mimic_wordpiece.json has [PAD] [UNK] [CLS] [MASK] only: the model takes it."""
+    kw = text_kwargs()
+    kw["special_ids"] = {"pad": 0, "unk": 1, "cls": 2, "mask": 4}
+    model = tiny("mrm_vit_tiny_test", **kw)
+    batch = mrm_batch(2)
+    batch["ids"][batch["ids"] == SPECIAL["sep"]] = 7  # no [SEP]: 3 is an ordinary token now
+    out = model(batch)
+    assert torch.isfinite(out["loss_text"])
+    assert model.special_id_list.tolist() == [0, 1, 2, 4]
 
 
 def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
@@ -363,6 +450,23 @@ def test_text_kwargs_from_shards(tmp_path: Path):
         text_kwargs_from_shards(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         text_kwargs_from_shards(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_mrm_end_to_end_with_mrms_tokenizer_and_whole_report(mimic_shards_mrm_tokenizer: Path, backend: str):
+    """Shards tokenized with an MRM-style tokenizer (no [SEP]) -> the whole report through build_loader ->
+    an MRM model configured as published (always [MASK], all-position loss): a finite loss."""
+    from cxrfast.pipelines import build_loader
+
+    kw = text_kwargs_from_shards(mimic_shards_mrm_tokenizer)
+    assert "sep" not in kw["special_ids"]
+    model = tiny("mrm_vit_tiny_test", **kw, mlm_replace_mask=1.0, mlm_replace_random=0.0, mlm_all_positions=True)
+    loader = build_loader(mimic_shards_mrm_tokenizer, "train", "mrm", batch_size=2, backend=backend, device="cpu",
+                          num_threads=1, image_size=64, text="report")  # fmt: skip
+    batch = next(iter(loader))
+    assert (batch["ids"][:, 0] == kw["special_ids"]["cls"]).all()
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and out["loss_text"] > 0
 
 
 # --- trainer interface ----------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ crop can be checked against the recipe's ranges.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from cxrfast.pipelines import build_loader
 from cxrfast.pipelines.recipes import RECIPES
@@ -147,3 +150,75 @@ def test_moco_rotation_is_bounded(gray_shards: Path, backend: str) -> None:
     assert (zero > 0.001).sum() >= 8  # most views are visibly rotated
     # rotating a 427x320 image by 10 deg and cropping 320x320 leaves < ~12% zeros
     assert zero.max() < 0.12
+
+
+# --- interpolation -------------------------------------------------------------------------------
+# A checkerboard of 5x7-pixel cells (sharp edges) tells resampling filters apart: on it PIL's bilinear
+# and bicubic differ by ~9 grey levels on average, while two bicubic implementations agree within ~1.
+
+
+@pytest.fixture(scope="module")
+def checker_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    y, x = np.mgrid[0:H, 0:W]
+    checker = np.where(((x // 5) + (y // 7)) % 2 == 0, 40, 215).astype(np.uint8)
+    return write_shards(tmp_path_factory.mktemp("checker") / "shards", [checker] * 4)
+
+
+def _decoded_checker(shards: Path) -> Image.Image:
+    """The stored JPEG decoded with PIL (what the DataLoader backend decodes)."""
+    tar = next(iter(wds.WebDataset(str(shards / schema.tar_name("train", 0)), shardshuffle=False)))
+    return Image.open(io.BytesIO(tar["jpg"])).convert("L")
+
+
+def _whole_image_crop(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make recipe `name` crop the whole image, unflipped: its output is then a plain resize."""
+    r = RECIPES[name]
+    monkeypatch.setitem(RECIPES, name, dataclasses.replace(r, scale=(1.0, 1.0), ratio=(W / H, W / H), flip=False))
+
+
+def _mean_abs(a: np.ndarray, b: np.ndarray, margin: int = 4) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64))[margin:-margin, margin:-margin].mean())
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_mae_crop_is_resized_bicubic(checker_shards: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAE-CXR's RandomResizedCrop is bicubic (PIL's, antialiased) in both backends."""
+    assert RECIPES["mae"].interpolation == "bicubic"
+    _whole_image_crop(monkeypatch, "mae")
+    loader = build_loader(checker_shards, "train", "mae", batch_size=2, backend=backend, device="cpu",
+                          num_threads=1, mean=0.0, std=1.0)
+    out = next(iter(loader))["image"][0, 0].numpy() * 255.0
+    src = _decoded_checker(checker_shards)
+    bicubic = np.asarray(src.resize((224, 224), Image.BICUBIC))
+    bilinear = np.asarray(src.resize((224, 224), Image.BILINEAR))
+    assert _mean_abs(bicubic, bilinear) > 5.0  # the pattern tells the filters apart
+    assert _mean_abs(out, bicubic) < 1.0, _mean_abs(out, bicubic)
+    assert _mean_abs(out, bilinear) > 4.0
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_mrm_target_bicubic_and_image_halved_like_mrm(
+    checker_shards: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MRM: the 448 target is the crop resized bicubic; the 224 image is that target halved the way MRM's
+    model does it (`Resize([224, 224], BICUBIC)` on the batch tensor = F.interpolate bicubic, no antialias)."""
+    _whole_image_crop(monkeypatch, "mrm")
+    loader = build_loader(checker_shards, "train", "mrm", batch_size=2, backend=backend, device="cpu",
+                          num_threads=1, mean=0.5, std=0.25)
+    batch = next(iter(loader))
+    target, image = batch["target"][:1].float(), batch["image"][:1].float()
+    src = _decoded_checker(checker_shards)
+    big = target[0, 0].numpy() * 0.25 * 255.0 + 0.5 * 255.0
+    assert _mean_abs(big, np.asarray(src.resize((448, 448), Image.BICUBIC))) < 1.0
+    assert _mean_abs(big, np.asarray(src.resize((448, 448), Image.BILINEAR))) > 4.0
+    halved = torch.nn.functional.interpolate(target, size=(224, 224), mode="bicubic", align_corners=False)
+    assert (image - halved).abs().max() < 1e-4  # normalised units: exact up to float rounding
+    bilinear = torch.nn.functional.interpolate(target, size=(224, 224), mode="bilinear", align_corners=False)
+    assert (image - bilinear).abs().mean() > 0.02
+
+
+def test_recipe_validates_interpolation() -> None:
+    with pytest.raises(ValueError, match="interpolation"):
+        dataclasses.replace(RECIPES["mae"], interpolation="lanczos")
+    with pytest.raises(ValueError, match="target_factor must be 2"):
+        dataclasses.replace(RECIPES["mae"], image_from_target=True)

@@ -100,6 +100,50 @@ def test_mimic_shards_follow_the_contract(mimic_shards: Path, mimic_raw: Path) -
     assert with_report + m["counts"]["without_report"] == len(samples)
 
 
+def test_shards_carry_the_whole_report_too(mimic_shards: Path, mimic_raw: Path) -> None:
+    """MRM trains on the whole report: every sample with a report also holds it, whitespace
+    collapsed, and its token ids; findings + impression stay in ids.i32 / txt."""
+    from tokenizers import Tokenizer
+
+    from cxrfast.shards.reports import ReportStore
+
+    m = _manifest(mimic_shards)
+    assert m["tokenizer"]["texts"] == ["findings_impression", "report"]
+    tok = Tokenizer.from_file(str(mimic_shards / m["tokenizer"]["file"]))
+    store = ReportStore(mimic_raw / "mimic-cxr-reports.zip")
+    n = 0
+    for mem in _samples(mimic_shards).values():
+        assert ("report.ids.i32" in mem) == ("report.txt" in mem) == ("ids.i32" in mem)
+        if "ids.i32" not in mem:
+            continue
+        meta = json.loads(mem["json"])
+        full = mem["report.txt"].decode()
+        assert full == " ".join(store.read(meta["subject_id"], meta["study_id"]).split())
+        assert all(body in full for body in meta["report_sections"].values())
+        assert len(full) > len(mem["txt"].decode())
+        assert decode_member("report.ids.i32", mem["report.ids.i32"]).tolist() == tok.encode(full).ids
+        n += 1
+    assert n > 0
+
+
+def test_mrm_style_tokenizer_without_sep(mimic_shards_mrm_tokenizer: Path, mrm_tokenizer: Path) -> None:
+    """MRM's `mimic_wordpiece.json` has no [SEP] and no post-processor: it loads, the manifest lists no
+    "sep", and the stored ids are MRM's `tokenizer.encode("[CLS] " + text)` for both texts."""
+    from tokenizers import Tokenizer
+
+    m = _manifest(mimic_shards_mrm_tokenizer)
+    assert m["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "mask": 3}
+    as_mrm = Tokenizer.from_file(str(mrm_tokenizer))  # no post-processor: MRM prefixes "[CLS] " itself
+    n = 0
+    for mem in _samples(mimic_shards_mrm_tokenizer).values():
+        for ids, txt in (("ids.i32", "txt"), ("report.ids.i32", "report.txt")):
+            if ids in mem:
+                want = as_mrm.encode("[CLS] " + mem[txt].decode()).ids
+                assert decode_member(ids, mem[ids]).tolist() == want and want[0] == 2
+                n += 1
+    assert n > 0
+
+
 def test_chexpert_shards_follow_the_contract(chexpert_shards: Path, chexpert_raw: Path) -> None:
     m = _assert_in_eq_out_plus_skipped(chexpert_shards)
     assert m["dataset"] == "chexpert" and m["tokenizer"] is None and set(m["splits"]) == {"train", "validate", "test"}

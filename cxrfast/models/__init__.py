@@ -3,9 +3,11 @@
     from cxrfast.models import build_model, MODELS
     model = build_model("mae_vit_base_patch16", mask_ratio=0.9)
     out = model({"image": images})          # {"loss", "loss_image"}
+    load_encoder_weights(model, "mae_pretrain_vit_base.pth")   # init the encoder from a local file
 """
 
 from cxrfast.models.base import PretrainModel
+from cxrfast.models.init_weights import InitReport, load_encoder_weights
 from cxrfast.models.mae import MAEConfig, MaskedAutoencoder
 from cxrfast.models.mrm import MaskedRecordModel, MRMConfig
 from cxrfast.models.registry import MODELS, ModelSpec, build_model
@@ -13,6 +15,7 @@ from cxrfast.models.text_encoder import text_kwargs_from_shards
 
 __all__ = [
     "MODELS",
+    "InitReport",
     "MAEConfig",
     "MRMConfig",
     "MaskedAutoencoder",
@@ -20,5 +23,6 @@ __all__ = [
     "ModelSpec",
     "PretrainModel",
     "build_model",
+    "load_encoder_weights",
     "text_kwargs_from_shards",
 ]

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cxrfast.kernels import masked_patch_mse, random_masking
 from cxrfast.models.base import PretrainModel
+from cxrfast.models.pos_embed import VARIANTS as POS_EMBED_VARIANTS
 from cxrfast.models.pos_embed import sincos_2d
 
 
@@ -48,8 +49,13 @@ class MAEConfig:
     fused: bool = True  #: kernels impl "auto" (Triton on CUDA) instead of "reference"
     grad_checkpointing: bool = False  #: recompute block activations in backward
     timm_name: str = "vit_base_patch16_224"  #: timm architecture the encoder exports to
+    #: fixed sin-cos tables of encoder and decoder: "mae" (MAE's) or "mrm" (MRM's util/pos_embed.py,
+    #: see `cxrfast.models.pos_embed`); an init checkpoint's pos_embed replaces the encoder's
+    pos_embed: str = "mae"
 
     def __post_init__(self) -> None:
+        if self.pos_embed not in POS_EMBED_VARIANTS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_VARIANTS}, got {self.pos_embed!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -118,16 +124,15 @@ class MaskedAutoencoder(PretrainModel):
         # encoder
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("pos_embed", sincos_2d(d, cfg.grid_size, cls_token=True)[None], persistent=False)
+        self.register_buffer("pos_embed", self._sincos(d), persistent=False)
+        self._pos_embed_fp32: torch.Tensor | None = None  # the table from an init checkpoint, if any
         self.blocks = _make_blocks(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(d, eps=1e-6)
 
         # decoder
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_2d(dd, cfg.grid_size, cls_token=True)[None], persistent=False
-        )
+        self.register_buffer("decoder_pos_embed", self._sincos(dd), persistent=False)
         self.decoder_blocks = _make_blocks(dd, cfg.decoder_depth, cfg.decoder_num_heads, cfg.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.pred_patch**2 * cfg.in_chans)
@@ -135,6 +140,24 @@ class MaskedAutoencoder(PretrainModel):
         self._init_image_weights()
 
     # --- init ------------------------------------------------------------------------------
+    def _sincos(self, dim: int) -> torch.Tensor:
+        """The configured fixed table [1, 1+N, dim] (cls row zero), fp32."""
+        return sincos_2d(dim, self.cfg.grid_size, cls_token=True, variant=self.cfg.pos_embed)[None]
+
+    def set_encoder_pos_embed(self, table: torch.Tensor) -> None:
+        """Use `table` [1, 1+N, D] (an init checkpoint's, e.g. MAE's ImageNet encoder) as the encoder's
+        position table instead of the sin-cos one; the export writes it too. The buffer stays
+        non-persistent: apply the init again before loading a checkpoint of this run."""
+        if table.shape != self.pos_embed.shape:
+            raise ValueError(f"pos_embed table {tuple(table.shape)} does not fit the encoder's {tuple(self.pos_embed.shape)}")
+        self._pos_embed_fp32 = table.detach().float().cpu().clone()
+        with torch.no_grad():
+            self.pos_embed.copy_(table)
+
+    def encoder_pos_embed_fp32(self) -> torch.Tensor:
+        """The encoder's position table in fp32 (the buffer may have been cast to bf16 for training)."""
+        return self._pos_embed_fp32 if self._pos_embed_fp32 is not None else self._sincos(self.cfg.embed_dim)
+
     def _init_image_weights(self) -> None:
         """MAE's init: xavier-uniform Linear (and patch projection as a Linear), N(0, .02) tokens."""
         w = self.patch_embed.proj.weight.data
@@ -269,15 +292,19 @@ class MaskedAutoencoder(PretrainModel):
             if p.ndim <= 1 or name in ("cls_token", "mask_token")
         }
 
-    def encoder_state_dict_timm(self) -> dict[str, torch.Tensor]:
-        """Encoder weights under timm `VisionTransformer` names (fp32, contiguous, detached copies):
-        patch_embed.proj.*, cls_token, pos_embed [1, 1+N, D] (sin-cos, cls row included), blocks.i.*, norm.*."""
-        # the fixed sin-cos table recomputed in fp32 (the buffer may have been cast to bf16 for training)
-        pos = sincos_2d(self.cfg.embed_dim, self.cfg.grid_size, cls_token=True)[None]
-        sd: dict[str, torch.Tensor] = {"cls_token": self.cls_token, "pos_embed": pos}
+    def encoder_tensors(self) -> dict[str, torch.Tensor]:
+        """The live encoder tensors under timm `VisionTransformer` names: patch_embed.proj.*, cls_token,
+        pos_embed [1, 1+N, D] (the fixed-table buffer, cls row included), blocks.i.*, norm.*
+        (`cxrfast.models.init_weights` loads a checkpoint into these)."""
+        sd: dict[str, torch.Tensor] = {"cls_token": self.cls_token, "pos_embed": self.pos_embed}
         for prefix, module in (("patch_embed.", self.patch_embed), ("blocks.", self.blocks), ("norm.", self.norm)):
-            for name, t in module.state_dict().items():
+            for name, t in module.state_dict(keep_vars=True).items():
                 sd[prefix + name] = t
+        return sd
+
+    def encoder_state_dict_timm(self) -> dict[str, torch.Tensor]:
+        """`encoder_tensors()` as fp32, contiguous, detached copies, pos_embed in full precision."""
+        sd = {**self.encoder_tensors(), "pos_embed": self.encoder_pos_embed_fp32()}
         return {k: v.detach().float().cpu().contiguous().clone() for k, v in sd.items()}
 
     def extra_repr(self) -> str:

@@ -19,9 +19,8 @@ from torch import nn
 
 from cxrfast.kernels import mask_tokens
 from cxrfast.models.mae import MAEConfig, MaskedAutoencoder, check_batch
-from cxrfast.models.text_encoder import FEATURE_AT, ReportMLM
-
-SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
+from cxrfast.models.text_encoder import FEATURE_AT, TEXT_INITS, ReportMLM
+from cxrfast.shards.schema import REQUIRED_SPECIAL
 
 
 @dataclass(kw_only=True)
@@ -35,10 +34,16 @@ class MRMConfig(MAEConfig):
     decoder_num_heads: int = 6
     target_scale: int = 2
     vocab_size: int | None = None  #: the shards' tokenizer vocabulary size (required)
-    special_ids: dict[str, int] | None = None  #: {"pad","unk","cls","sep","mask"} -> id (required)
+    special_ids: dict[str, int] | None = None  #: {"pad","unk","cls","mask"[,"sep"]} -> id (required)
     wordpiece_continuation: torch.Tensor | None = field(default=None, repr=False)  #: [V] bool, '##' tokens
     mlm_prob: float = 0.5  #: whole-word masking probability
-    mlm_all_positions: bool = False  #: published code: cross-entropy against the unmasked ids everywhere
+    #: share of masked tokens written as [MASK] (BERT 0.8; MRM's code 1.0: pretrain_datasets.py:49-51)
+    mlm_replace_mask: float = 0.8
+    #: share of masked tokens replaced by a random non-special id (BERT 0.1; MRM's code 0.0); rest kept
+    mlm_replace_random: float = 0.1
+    #: published MRM: cross-entropy against the unmasked ids at every position, [CLS] and padding
+    #: included (labels = ids, no -100: pretrain_datasets.py:96-99, bert/bert.py:190-191)
+    mlm_all_positions: bool = False
     text_width: int = 384  #: BERT hidden size H
     text_depth: int = 6  #: BERT layers
     text_heads: int = 6  #: BERT attention heads
@@ -46,6 +51,8 @@ class MRMConfig(MAEConfig):
     text_len: int = 100  #: max report length (BERT position embeddings); also the FLOP count's L
     text_dropout: float = 0.1  #: BERT hidden and attention dropout
     text_feature_at: str = "embeddings_out"  #: where the image feature is added (see ReportMLM)
+    text_init: str = "bert"  #: BERT weights' init, "bert" | "mrm" (MRM's xavier on every Linear; see TEXT_INITS)
+    text_tie_decoder: bool = True  #: MLM decoder = word embeddings (BERT); MRM's published head is untied
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,7 +61,7 @@ class MRMConfig(MAEConfig):
             raise ValueError(f"MRM needs vocab_size, special_ids and wordpiece_continuation; {hint}")
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
-        missing = set(SPECIAL_TOKENS) - set(self.special_ids)
+        missing = set(REQUIRED_SPECIAL) - set(self.special_ids)
         if missing:
             raise ValueError(f"special_ids lacks {sorted(missing)} (got {self.special_ids}); {hint}")
         bad = {k: v for k, v in self.special_ids.items() if not 0 <= int(v) < self.vocab_size}
@@ -66,6 +73,13 @@ class MRMConfig(MAEConfig):
             raise ValueError(f"wordpiece_continuation must be a bool tensor [{self.vocab_size}], got {got}")
         if not 0.0 < self.mlm_prob < 1.0:
             raise ValueError(f"mlm_prob must be in (0, 1), got {self.mlm_prob}")
+        if min(self.mlm_replace_mask, self.mlm_replace_random) < 0 or self.mlm_replace_mask + self.mlm_replace_random > 1:
+            raise ValueError(
+                f"mlm_replace_mask ({self.mlm_replace_mask}) and mlm_replace_random ({self.mlm_replace_random}) "
+                "must be >= 0 and sum to <= 1"
+            )
+        if self.text_init not in TEXT_INITS:
+            raise ValueError(f"text_init must be one of {TEXT_INITS}, got {self.text_init!r}")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
         if self.text_feature_at not in FEATURE_AT:
@@ -95,6 +109,8 @@ class MaskedRecordModel(MaskedAutoencoder):
             max_len=cfg.text_len,
             dropout=cfg.text_dropout,
             feature_at=cfg.text_feature_at,
+            init=cfg.text_init,
+            tie_decoder=cfg.text_tie_decoder,
         )
         specials = sorted({int(v) for v in cfg.special_ids.values()})
         self.register_buffer("special_id_list", torch.tensor(specials, dtype=torch.int64), persistent=False)
@@ -107,7 +123,8 @@ class MaskedRecordModel(MaskedAutoencoder):
         """latent [B, 1+K, D] (encoder output), ids [B, L] int64, attention_mask [B, L] -> MLM loss (scalar).
 
         The mean over the visible patch tokens (cls excluded), projected to H, is added to every
-        token embedding; whole words are masked with probability `mlm_prob` (80/10/10)."""
+        token embedding; whole words are masked with probability `mlm_prob`, each masked token written
+        as [MASK] / a random id / itself with `mlm_replace_mask` / `mlm_replace_random` / the rest."""
         if ids.shape != attention_mask.shape or ids.ndim != 2:
             raise ValueError(f"ids {tuple(ids.shape)} and attention_mask {tuple(attention_mask.shape)} must be [B, L]")
         feature = self.text_proj(latent[:, 1:].mean(dim=1))  # [B, H]
@@ -117,6 +134,8 @@ class MaskedRecordModel(MaskedAutoencoder):
             ids,
             word_start,
             prob=self.cfg.mlm_prob,
+            replace_mask=self.cfg.mlm_replace_mask,
+            replace_random=self.cfg.mlm_replace_random,
             mask_id=self.cfg.special_ids["mask"],
             vocab_size=self.cfg.vocab_size,
             special_ids=self.special_id_list,

@@ -14,6 +14,11 @@ from torch import nn
 from cxrfast.shards.folder import ShardFolder, open_shards
 
 FEATURE_AT = ("embeddings_out", "word_embeddings")
+#: How the BERT's weights start: "bert" = transformers' BERT init (every Linear and Embedding
+#: N(0, 0.02), LayerNorm 1/0); "mrm" = MRM's published model: its `initialize_weights` applies
+#: xavier-uniform (bias 0) to every nn.Linear of the whole model, the BERT's included
+#: (model_mrm.py:87-97 after BertEncoder() at :63); embeddings keep BERT's N(0, 0.02).
+TEXT_INITS = ("bert", "mrm")
 
 
 def bert_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
@@ -23,12 +28,15 @@ def bert_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
 
 
 class ReportMLM(nn.Module):
-    """BERT encoder + MLM head (transformers `BertForMaskedLM`, random init, SDPA attention,
-    decoder tied to the word embeddings) with an extra per-sample feature added to every token.
+    """BERT encoder + MLM head (transformers `BertForMaskedLM`, random init, SDPA attention) with an
+    extra per-sample feature added to every token.
 
     `feature_at="embeddings_out"` adds the feature to BertEmbeddings' output (after its LayerNorm),
     as MRM's published code does; `"word_embeddings"` adds it to the word embeddings, before the
-    position/type embeddings and the LayerNorm.
+    position/type embeddings and the LayerNorm. `init`: see TEXT_INITS. `tie_decoder`: the MLM
+    decoder shares the word embeddings (BERT). MRM's published head is untied: `MyBertMaskedLM`
+    (bert/bert.py:141-143) replaces `self.bert` after `BertForMaskedLM.__init__` tied the decoder to
+    the embeddings it throws away, so the decoder keeps a [V, H] weight of its own.
     """
 
     def __init__(
@@ -43,12 +51,16 @@ class ReportMLM(nn.Module):
         max_len: int = 100,
         dropout: float = 0.1,
         feature_at: str = "embeddings_out",
+        init: str = "bert",
+        tie_decoder: bool = True,
     ) -> None:
         super().__init__()
         from transformers import BertConfig, BertForMaskedLM
 
         if feature_at not in FEATURE_AT:
             raise ValueError(f"feature_at must be one of {FEATURE_AT}, got {feature_at!r}")
+        if init not in TEXT_INITS:
+            raise ValueError(f"init must be one of {TEXT_INITS}, got {init!r}")
         self.feature_at = feature_at
         self.checkpointing = False
         self.config = BertConfig(
@@ -61,12 +73,20 @@ class ReportMLM(nn.Module):
             hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout,
             pad_token_id=pad_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=tie_decoder,
             attn_implementation="sdpa",
         )
         self.mlm = BertForMaskedLM(self.config)
-        if self.mlm.cls.predictions.decoder.weight is not self.mlm.bert.embeddings.word_embeddings.weight:
-            raise RuntimeError("transformers did not tie the MLM decoder to the word embeddings")
+        tied = self.mlm.cls.predictions.decoder.weight is self.mlm.bert.embeddings.word_embeddings.weight
+        if tied != tie_decoder:
+            raise RuntimeError(f"transformers {'did not tie' if tie_decoder else 'tied'} the MLM decoder to the word embeddings")
+        if init == "mrm":
+            decoder = self.mlm.cls.predictions.decoder
+            for m in self.mlm.modules():
+                if isinstance(m, nn.Linear) and not (tied and m is decoder):  # a tied decoder is the embedding
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     def set_checkpointing(self, enable: bool) -> None:
         """Activation checkpointing of the BERT layers (transformers' own, non-reentrant)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: Dense bf16 tensor-core peak TFLOP/s by (sub)string of `torch.cuda.get_device_name()`;
-#: first match wins, so more specific names come first.
+#: Dense bf16 tensor-core peak TFLOP/s by GPU name. A name matches when its words (letters and digits)
+#: stand together, in order, among the words of `torch.cuda.get_device_name()`, so "L4" matches
+#: "NVIDIA L4" but not "NVIDIA L40S"; first match wins, so more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.4),
     ("H200", 989.4),
@@ -38,18 +40,25 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312.0),
     ("A800", 312.0),
     ("L40S", 362.1),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10G", 70.0),
     ("A10", 125.0),
 )
 
 
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
 def peak_tflops(device_name: str | None) -> float | None:
     """Peak bf16 TFLOP/s of a GPU by name, or None when unknown (then MFU is not reported)."""
     if not device_name:
         return None
+    words = _words(device_name)
     for key, value in PEAK_BF16_TFLOPS:
-        if key in device_name:
+        k = _words(key)
+        if any(words[i : i + len(k)] == k for i in range(len(words) - len(k) + 1)):
             return value
     return None
 
