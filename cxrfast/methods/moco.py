@@ -200,8 +200,11 @@ class MoCo(Method):
         return self._flops
 
     def fp32_names(self) -> tuple[str, ...]:
-        bn = tuple(f"query.{n}." for n, m in self.query.named_modules() if isinstance(m, GroupBatchNorm2d))
-        return ("key.", "queue.", *bn)
+        """The key encoder, the queue, and the query's BatchNorm running statistics (by full name:
+        the BatchNorm weights and biases are trainable, ZeRO's)."""
+        stats = tuple(f"query.{n}.{b}" for n, m in self.query.named_modules() if isinstance(m, GroupBatchNorm2d)
+                      for b in ("running_mean", "running_var"))
+        return ("key.", "queue.", *stats)
 
     def no_weight_decay(self) -> set[str]:
         return set() if self.cfg.decay_all else super().no_weight_decay()
@@ -291,8 +294,7 @@ class MoCo(Method):
         """The fp32 state (key encoder, queue, BatchNorm statistics) must have stayed fp32."""
         prefixes = self.fp32_names()
         bad = [n for n, t in [*self.named_parameters(), *self.named_buffers()]
-               if t.is_floating_point() and t.dtype != torch.float32 and n.startswith(prefixes)
-               and not (n.startswith("query.") and isinstance(t, torch.nn.Parameter))]
+               if n.startswith(prefixes) and t.is_floating_point() and t.dtype != torch.float32]
         if bad:
             raise RuntimeError(f"MoCo: {len(bad)} tensors that must stay fp32 are not (e.g. {bad[:3]}); the trainer "
                                "must keep fp32_names() in fp32 after deepspeed.initialize")
