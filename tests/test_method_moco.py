@@ -1,15 +1,19 @@
 """MoCo v2 (MoCo-CXR) method: loss, momentum encoder, queue, shuffle-BN, BatchNorm precision, export.
 
 Unit level on CPU with a tiny ResNet18; the 2-rank checks run in a 2-process gloo group
-(torch.multiprocessing), cheaper than the deepspeed launcher. The trainer's end-to-end runs
-(`cxrfast train`, resume, export file) are in tests/test_moco_train.py.
+(torch.multiprocessing), cheaper than the deepspeed launcher. bf16 "as under DeepSpeed" casts
+every parameter and restores the method's fp32 names with the trainer's own functions. One slow
+end-to-end test trains `tiny_moco` through `cxrfast train`, resumes it from a mid-epoch checkpoint
+and loads the exported encoder into timm.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 from cxrfast.methods.base import StepContext
 from cxrfast.methods.moco import MoCo, MoCoMethodConfig, info_nce
 from cxrfast.models.moco import GroupBatchNorm2d, MoCoEncoder, create_backbone, forward_flops
+from cxrfast.trainer.build import fp32_originals, restore_fp32
 
 SIZE = 32  # image side of the unit tests
 MICRO = 4  # micro-batch per rank
@@ -67,6 +72,16 @@ def constant_views(values: list[float]) -> dict[str, torch.Tensor]:
 
 def key_values(keys: torch.Tensor) -> list[float]:
     return (keys[:, 0] / keys[:, 1]).tolist()
+
+
+def as_deepspeed_bf16(m: MoCo) -> MoCo:
+    """What the trainer's engine does under bf16: DeepSpeed casts every parameter, then the
+    trainer restores the tensors under `fp32_names()` from copies taken before."""
+    originals = fp32_originals(m)
+    for p in m.parameters():
+        p.data = p.data.bfloat16()
+    restore_fp32(m, originals)
+    return m
 
 
 # --- loss ------------------------------------------------------------------------------------
@@ -159,6 +174,27 @@ def test_validation_step_leaves_queue_and_key_encoder_alone():
         m.validation_step(views())
 
 
+def test_bf16_as_under_deepspeed_keeps_fp32_state_exact():
+    torch.manual_seed(0)
+    m = tiny().train()
+    key0 = copy.deepcopy(m.key.state_dict())
+    as_deepspeed_bf16(m)
+    m.on_train_start(context())  # its precision check passes
+    assert m.query.backbone.conv1.weight.dtype == torch.bfloat16
+    # the key encoder's fp32 values came back exactly (a cast back alone keeps the bf16 rounding)
+    assert all(torch.equal(v, key0[n]) for n, v in m.key.state_dict().items())
+    assert m.queue.keys.dtype == torch.float32 and m.query.backbone.bn1.running_mean.dtype == torch.float32
+    for micro in range(ACCUM):
+        out = m({k: v.bfloat16() for k, v in views(seed=micro).items()})
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        out["loss"].backward()
+    assert m.query.backbone.conv1.weight.grad.dtype == torch.bfloat16
+    assert m.query.backbone.bn1.running_mean.dtype == torch.float32
+    m.after_optimizer_step(context(step=1))
+    assert m.key.backbone.conv1.weight.dtype == torch.float32 and int(m.queue.ptr) == MICRO * ACCUM
+    assert not torch.equal(m.key.backbone.conv1.weight, key0["backbone.conv1.weight"])
+
+
 # --- shuffle-BN -------------------------------------------------------------------------------
 def test_single_rank_keys_use_other_batchnorm_groups():
     m = tiny().train()
@@ -207,10 +243,11 @@ def _two_rank_worker(rank: int, port: int) -> None:
         # the queue advances by the global batch (2 ranks x 2 micro-batches x 2), keys in rank order
         m.key = real_key
         m._pending.clear()
+        as_deepspeed_bf16(m)  # bf16 views and queries, gathered across ranks
         ctx = context(world=2, rank=rank, micro=2, accum=2)
         m.on_train_start(ctx)
         for micro in range(2):
-            m(views(2, seed=100 * rank + micro))
+            m({k: v.bfloat16() for k, v in views(2, seed=100 * rank + micro).items()})
         mine = torch.cat(m._pending)
         gathered = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(gathered, mine)
@@ -340,3 +377,54 @@ def test_presets_carry_the_published_settings():
             "adam", 1e-4, 1e-4, (0.9, 0.999), 20, 0)
         assert (o.schedule, o.milestones, o.gamma) == ("step", (12, 18, 24), 0.1)
         assert cfg.train.global_batch_size == 16 and m.queue_size % 16 == 0
+
+
+# --- end to end through the trainer ---------------------------------------------------------------
+@pytest.mark.slow
+def test_train_resume_mid_epoch_and_export(mimic_shards: Path, tmp_path: Path):
+    """`cxrfast train --preset tiny_moco` on one rank (bf16, 2 BatchNorm groups, accumulation 2) with a
+    checkpoint inside epoch 2; resuming from it logs the uninterrupted run's losses."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from test_train_e2e import _cxrfast_train, _metrics
+
+    from cxrfast.methods import build_method
+    from cxrfast.models.export import load_encoder, read_metadata
+    from cxrfast.presets import get_preset
+    from cxrfast.shards.folder import open_shards
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--preset", "tiny_moco", "--shards", str(mimic_shards), "batch_size=2", "global_batch_size=4",
+            "epochs=3", "milestones=2", "log_every=1", "num_threads=1", "ckpt_every_steps=4", "ckpt_keep=0"]
+    proc = _cxrfast_train([*args, "--out", str(full)])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    spe = json.loads((full / "config.json").read_text())["steps_per_epoch"]
+    assert spe == 3 and "BatchNorm groups per rank 2 over 1 rank(s)" in proc.stderr
+    proc = _cxrfast_train([*args, "--out", str(resumed), "--resume-from", str(full / "checkpoints" / "step_00000004")])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rows = {r["step"]: r for r in _metrics(full)}
+    after = _metrics(resumed)
+    assert [r["step"] for r in after] == list(range(5, 3 * spe + 1))
+    for r in after:  # queue, key encoder, shuffles and data position all carried over
+        assert r["loss"] == pytest.approx(rows[r["step"]]["loss"], rel=1e-6), r["step"]
+        assert r["lr"] == pytest.approx(rows[r["step"]]["lr"], rel=1e-9)
+    assert rows[7]["lr"] == pytest.approx(rows[6]["lr"] * 0.1)  # the step schedule, milestone at epoch 2
+
+    # The checkpoint: fp32 key encoder and queue; the queue pointer moved by the global batch per step.
+    ckpt = full / "checkpoints" / f"step_{3 * spe:08d}"
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert module["key.backbone.conv1.weight"].dtype == module["queue.keys"].dtype == torch.float32
+    assert int(module["queue.ptr"]) == (3 * spe * 4) % 32
+
+    # The exported encoder loads strictly into timm and gives the trained query backbone's features.
+    encoder = full / "encoder.safetensors"
+    meta = read_metadata(encoder)
+    assert (meta["arch"], meta["method"], float(meta["mean"]), float(meta["std"])) == (
+        "resnet18", "moco", 0.502, 0.085585)
+    net = load_encoder(encoder)  # strict
+    trained = build_method(get_preset("tiny_moco").method, open_shards(mimic_shards))
+    fresh = copy.deepcopy(trained.query.backbone)
+    trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints")), strict=True)
+    assert not torch.equal(trained.query.backbone.conv1.weight, fresh.conv1.weight)  # it did train
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), trained.eval().query.backbone(x), rtol=1e-5, atol=1e-5)
