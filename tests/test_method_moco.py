@@ -341,6 +341,31 @@ def test_flops_per_image():
     assert m.flops_per_image() == pytest.approx(4 * enc + 4 * 8 * (QUEUE + 1))
 
 
+# --- ImageNet initialisation -----------------------------------------------------------------------
+def test_init_from_a_torchvision_file_sums_the_stem_and_starts_both_encoders_there(tmp_path: Path):
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None)  # the layout of resnet18-f37072fd.pth
+    with torch.no_grad():
+        tv.layer1[0].bn1.running_mean.uniform_(-1, 1)
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), path)
+    m = tiny(init=str(path))
+    sd = tv.state_dict()
+    assert torch.allclose(m.query.backbone.conv1.weight, sd["conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(m.query.backbone.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])
+    assert torch.equal(m.query.backbone.layer1[0].bn1.running_mean, sd["layer1.0.bn1.running_mean"])
+    assert all(torch.equal(v, m.query.state_dict()[n]) for n, v in m.key.state_dict().items())
+
+    torch.save({k: v for k, v in sd.items() if not k.startswith("layer4.")}, path)
+    with pytest.raises(ValueError, match=r"resnet18.pth: not resnet18 ImageNet weights .* 25 backbone tensors miss"):
+        tiny(init=str(path))
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)  # fits, but another depth
+    with pytest.raises(ValueError, match=r"\d+ unexpected tensors besides the classifier fc\.\*"):
+        tiny(init=str(path))
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def test_clear_errors():
     m = tiny(queue_size=20)

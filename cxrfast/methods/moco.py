@@ -133,16 +133,21 @@ def shuffle_permutation(n: int, *, step: int, micro: int) -> torch.Tensor:
 
 
 def load_init(backbone: torch.nn.Module, path: str, *, arch: str) -> None:
-    """Load the ImageNet weights file `path` (timm or torchvision names) into `backbone`, the RGB
-    stem summed to one channel (`cxrfast.models.init_weights`)."""
-    from pathlib import Path
+    """Load the local ImageNet weights file `path` (timm or torchvision names) into the timm
+    `backbone` (`cxrfast.models.init_weights`: the RGB stem summed to one channel, a classifier
+    head in the file left out). The file must be exactly this backbone plus its classifier: a
+    missing tensor (except BatchNorm's `num_batches_tracked`, absent from old torchvision files) or
+    an extra one (e.g. the deeper stages of another depth) is an error."""
+    from cxrfast.models.init_weights import load_encoder_weights
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"method.init={path}: no such file (a local ImageNet {arch} weights file, timm or "
-                                "torchvision format; nothing is downloaded)")
-    from cxrfast.models.init_weights import load_into_timm
-
-    load_into_timm(backbone, path)
+    report = load_encoder_weights(backbone, path)
+    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]
+    head = f"{backbone.pretrained_cfg.get('classifier', 'fc')}."
+    extra = [k for k in report.unexpected if not k.startswith(head)]
+    if missing or extra:
+        raise ValueError(f"method.init={path}: not {arch} ImageNet weights (timm or torchvision format): "
+                         f"{len(missing)} backbone tensors missing (e.g. {missing[:3]}), {len(extra)} unexpected "
+                         f"tensors besides the classifier {head}* (e.g. {extra[:3]})")
 
 
 class MoCo(Method):
