@@ -13,7 +13,9 @@ What happens when (the trainer calls the hooks, `cxrfast.methods.base`):
   the same sequence of weights), and the keys of every micro-batch of the step, gathered from all
   ranks, replace the oldest rows of the queue, so the queue advances by the global batch per step.
 - `validation_step`: the same loss in eval mode (BatchNorm running statistics), reading the queue
-  and the key encoder without changing either.
+  and the key encoder without changing either. The queue moves with training, so this loss is a
+  health signal rather than a selection criterion across epochs (the published runs do not
+  validate during pre-training).
 
 Shuffle-BN. Across ranks (MoCo's): the key views of all ranks are gathered, permuted, each rank
 computes the keys of its share of the permutation, and the keys are gathered back and unpermuted,
