@@ -8,7 +8,7 @@ data-wait share of the step time. Variants per preset: DALI data (the baseline),
 torch.compile'd compile targets. `--find-max-batch` finds the largest micro-batch whose training steps fit
 in `--memory-limit-gb` (the allocator is capped there, as on a 12 GB card).
 
-    cxrfast bench train                                   # CPU: tiny presets; CUDA: mae_cxr_vitb, mrm_vitb
+    cxrfast bench train                                   # CPU: tiny presets; CUDA: MAE-CXR, MRM, MoCo-CXR
     cxrfast bench train --presets mrm_vitb --shards data/shards/mimic --compile
     cxrfast bench train --find-max-batch --memory-limit-gb 12 --presets mrm_vitb
 
@@ -38,6 +38,12 @@ NAME = "train_throughput"
 TARGETS = {
     "mae_cxr_vitb": {"images_per_s": 9000.0, "mfu": 0.40},
     "mrm_vitb": {"images_per_s": round(200 * 377_110 / (5 * 3600), 1), "micro_batch_within_12gb": 64},
+}
+
+#: Presets measured without --presets, by device.
+DEFAULT_PRESETS = {
+    "cuda": ("mae_cxr_vitb", "mrm_vitb", "moco_cxr_r18", "moco_cxr_r50", "moco_cxr_d121"),
+    "cpu": ("tiny_mae", "tiny_mrm", "tiny_moco"),
 }
 
 
@@ -218,7 +224,7 @@ def main(argv: list[str]) -> int:
     from cxrfast.trainer import distributed
 
     cuda = torch.cuda.is_available()
-    presets = args.presets.split(",") if args.presets else (["mae_cxr_vitb", "mrm_vitb"] if cuda else ["tiny_mae", "tiny_mrm"])
+    presets = args.presets.split(",") if args.presets else list(DEFAULT_PRESETS["cuda" if cuda else "cpu"])
     steps = args.steps or (30 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     shards = args.shards or synthetic_shards(args.out / "_shards", args.synth_studies or (600 if cuda else 60))

@@ -6,7 +6,15 @@
 - MRM (Zhou et al., ICLR 2023; RL4M/MRM-pytorch run.sh): mask 0.75, norm-pix loss, 200 epochs,
   40 warmup, blr 1.5e-4, wd 0.05, 4 GPUs x 32 x 2 accumulation = global batch 256; 50% MLM.
   The micro-batch here is 64 (the 12 GB-per-card goal); accumulation follows from the world size.
-- tiny_mae / tiny_mrm: test-sized models for CPU tests and the README demo.
+- MoCo-CXR (Sowrirajan et al., CHIL 2021 / MIDL 2021; stanfordmlgroup/MoCo-CXR main_moco.py,
+  moco/builder.py, aihc_utils/image_transform.py and scripts/training_scripts/r8w1n416.sh): MoCo v2
+  with the MLP head, dim 128, queue 24,576, momentum 0.999, T 0.2; Adam (0.9, 0.999) lr 1e-4, L2
+  weight decay 1e-4 on every parameter; 20 epochs, lr x0.1 at epochs 12, 18, 24 (`--schedule`),
+  no warmup; batch 16 on one GPU; checkpoint every epoch; images normalised with mean 0.5020, std
+  0.085585. The published runs start from ImageNet: pass a local weights file with
+  `method.init=PATH` (timm or torchvision resnet18/resnet50/densenet121; nothing is downloaded).
+  On N ranks keep the global batch at 16 (`batch_size=16/N`) or change `queue_size` with it.
+- tiny_mae / tiny_mrm / tiny_moco: test-sized runs for CPU tests and the README demo.
 
 `lr = blr * global batch / 256` is resolved at start-up, once the world size is known.
 """
@@ -17,9 +25,21 @@ import copy
 
 from cxrfast.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from cxrfast.methods.mae import MAEMethodConfig
+from cxrfast.methods.moco import MoCoMethodConfig
 from cxrfast.methods.mrm import MRMMethodConfig
 
 _MAE_OPTIM = dict(name="adamw", blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), schedule="warmup_cosine")
+_MOCO_OPTIM = dict(epochs=20, name="adam", lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), schedule="step",
+                   milestones=(12, 18, 24), gamma=0.1, warmup_epochs=0)
+_MOCO_TRAIN = dict(batch_size=16, global_batch_size=16, ckpt_every_epochs=1)
+
+
+def _moco_cxr(name: str, arch: str) -> RunConfig:
+    """A MoCo-CXR run: the published settings differ between backbones only in the backbone."""
+    return RunConfig(preset=name, method=MoCoMethodConfig(arch=arch), optim=OptimConfig(**_MOCO_OPTIM),
+                     train=TrainConfig(**_MOCO_TRAIN))
+
+
 _TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
 _TINY_TRAIN = dict(batch_size=4, log_every=2, ckpt_every_epochs=0)
 
@@ -56,6 +76,16 @@ PRESETS: dict[str, RunConfig] = {
                                pixel_norm="shards"),
         data=DataConfig(num_threads=2),
         optim=OptimConfig(**_TINY_OPTIM),
+        train=TrainConfig(**_TINY_TRAIN),
+    ),
+    **{name: _moco_cxr(name, arch) for name, arch in
+       (("moco_cxr_r18", "resnet18"), ("moco_cxr_r50", "resnet50"), ("moco_cxr_d121", "densenet121"))},
+    "tiny_moco": RunConfig(
+        preset="tiny_moco",
+        method=MoCoMethodConfig(arch="resnet18", image_size=64, queue_size=32, dim=16),
+        data=DataConfig(num_threads=2),
+        optim=OptimConfig(epochs=4, name="adam", lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.999), schedule="step",
+                          milestones=(3,), gamma=0.1),
         train=TrainConfig(**_TINY_TRAIN),
     ),
 }

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
 from cxrfast.methods.mae import MAE, MAEMethodConfig
+from cxrfast.methods.moco import MoCo, MoCoMethodConfig
 from cxrfast.methods.mrm import MRM, MRMMethodConfig
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[Method]] = {
     MAE.name: MAE,
     MRM.name: MRM,
+    MoCo.name: MoCo,
 }
 
 
@@ -45,6 +47,8 @@ __all__ = [
     "MAE",
     "MAEMethodConfig",
     "MRM",
+    "MoCo",
+    "MoCoMethodConfig",
     "MRMMethodConfig",
     "Method",
     "MethodConfig",

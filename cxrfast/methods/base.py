@@ -8,11 +8,11 @@ only what is declared here and never branches on a method's name; adding a metho
 one entry in `cxrfast.methods.METHODS` and its presets.
 
 Precision: under bf16 DeepSpeed casts every parameter (trainable or frozen) to bf16 and leaves
-buffers alone. After `deepspeed.initialize` the trainer casts the remaining floating buffers to the
-parameters' dtype (so a fixed table added to bf16 activations does not promote them) except under
-the name prefixes of `fp32_names()`; under those prefixes frozen parameters and buffers are made
-fp32 again (e.g. a momentum encoder, a queue, BatchNorm statistics). Trainable parameters are
-always ZeRO's (bf16 compute copy, fp32 master in the optimizer).
+buffers fp32 (a method casts a fixed fp32 table to the activations' dtype where it uses it). Under
+the name prefixes of `fp32_names()` the trainer puts back, after `deepspeed.initialize`, the fp32
+values frozen parameters and buffers had before it (e.g. a momentum encoder, a queue, BatchNorm
+statistics: a cast back alone would keep the bf16 rounding). Trainable parameters are always
+ZeRO's (bf16 compute copy, fp32 master in the optimizer) and may not be under those prefixes.
 """
 
 from __future__ import annotations

@@ -72,27 +72,38 @@ def build_engine(method: Method, o: OptimConfig, ds_config: dict[str, Any], fact
                     ds_config["scheduler"].get("type"))
     else:
         scheduler = lambda opt: make_scheduler(opt, factor)  # noqa: E731  (DeepSpeed calls it with its optimizer)
+    originals = fp32_originals(method)
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, model_parameters=params,
                                            lr_scheduler=scheduler, config=ds_config)
-    restore_fp32(engine.module)
+    restore_fp32(engine.module, originals)
     return engine
 
 
-def restore_fp32(method: Method) -> int:
-    """Make the frozen parameters and the buffers under `method.fp32_names()` fp32 again (DeepSpeed's
-    bf16 mode casts every parameter); trainable ones there are an error. Returns the number cast."""
+def fp32_originals(method: Method) -> dict[str, torch.Tensor]:
+    """CPU copies of the floating tensors under `method.fp32_names()` (frozen parameters and buffers),
+    taken before `deepspeed.initialize` rounds them; trainable ones there are an error."""
     prefixes = tuple(method.fp32_names())
     if not prefixes:
-        return 0
-    n = 0
+        return {}
+    out = {}
     for name, p in list(method.named_parameters()) + list(method.named_buffers()):
         if not name.startswith(prefixes) or not p.is_floating_point():
             continue
         if isinstance(p, torch.nn.Parameter) and p.requires_grad:
             raise ValueError(f"method {method.name!r}: fp32_names() covers the trainable parameter {name!r}")
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-            n += 1
+        out[name] = p.detach().to("cpu", torch.float32, copy=True)
+    return out
+
+
+def restore_fp32(method: Method, originals: dict[str, torch.Tensor]) -> int:
+    """Put back the fp32 values `fp32_originals` took (DeepSpeed's bf16 mode casts every parameter:
+    a cast back alone would keep the bf16 rounding, e.g. of a momentum encoder's initial weights).
+    Returns the number of tensors that had been cast."""
+    n = 0
+    for name, p in list(method.named_parameters()) + list(method.named_buffers()):
+        if name in originals:
+            n += p.dtype != torch.float32
+            p.data = originals[name].to(p.device)
     return n
 
 
