@@ -95,3 +95,20 @@ def make_tiny_chexpert(parent: Path, *, patients: int = 8, seed: int = 0) -> Pat
                 rows.append([rel, "Female" if k % 2 else "Male", 40 + k, fl, appa, *labs])
         (root / csv).write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     return root
+
+
+def tiny_mimic_raw(tmp_path: Path, **kw) -> Path:
+    """`make_tiny_mimic` into `tmp_path/raw`; returns that folder."""
+    raw = tmp_path / "raw"
+    make_tiny_mimic(raw, **kw)
+    return raw
+
+
+def shard_tiny_mimic(raw: Path, out: Path, reports: Path | None = None, **kw):
+    """`shard_mimic` of a tiny tree with small defaults (3 samples per tar, 1 worker, 200-token vocabulary)."""
+    from cxrfast.shards.build import shard_mimic
+
+    kw.setdefault("samples_per_tar", 3)
+    kw.setdefault("workers", 1)
+    kw.setdefault("vocab_size", 200)
+    return shard_mimic(raw, reports or raw / "mimic-cxr-reports.zip", out, **kw)
