@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
 
 from cxrfast.shards.schema import LABEL_NAMES, NOT_MENTIONED
+
+log = logging.getLogger(__name__)
+
+#: A folder with more subfolders than this is an image tree (MIMIC's files/p10/, CheXpert's train/):
+#: `find_dataset_root` does not descend into it.
+_WIDE = 200
 
 #: Columns of the per-row table every metadata reader returns (one row per image), in order.
 ROW_COLUMNS: tuple[str, ...] = (
@@ -96,6 +104,42 @@ def check_views_left(df: pl.DataFrame, keep: tuple[str, ...] | None, all_views: 
     counts = all_views.fill_null("").value_counts(sort=True)
     have = ", ".join(f"{v or '(blank)'} {n}" for v, n in counts.iter_rows())
     raise ValueError(f"--views {','.join(keep)} matches no row of {path} (views there: {have})")
+
+
+def find_dataset_root(root: Path, marker: str, what: str, *, max_depth: int = 4, max_dirs: int = 2000) -> Path:
+    """`root` when it holds `marker` (a `.gz` marker also matches its uncompressed twin); otherwise
+    the one folder below it (breadth first, at most `max_depth` levels, hidden folders and image
+    trees -- folders of more than `_WIDE` subfolders -- not descended into) that does, with a
+    warning. ValueError naming the folders when several at the same depth do; `root` unchanged when
+    none does (the readers then name the missing file)."""
+    names = {marker, marker.removesuffix(".gz")}
+
+    def holds(d: Path) -> bool:
+        return any((d / n).is_file() for n in names)
+
+    if holds(root) or not root.is_dir():
+        return root
+    level, seen = [root], 0
+    for _ in range(max_depth):
+        found, below = [], []
+        for d in level:
+            try:
+                subs = sorted(e.path for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+            except OSError:
+                continue
+            seen += len(subs)
+            found += [Path(s) for s in subs if holds(Path(s))]
+            if len(subs) <= _WIDE:
+                below += map(Path, subs)
+        if len(found) > 1:
+            raise ValueError(f"--root {root} holds several {what} folders ({', '.join(map(str, found))}): pass one of them")
+        if found:
+            log.warning("--root %s holds no %s; using %s, which does", root, marker, found[0])
+            return found[0]
+        if seen > max_dirs:
+            break
+        level = below
+    return root
 
 
 def parse_views(views: str | Sequence[str]) -> tuple[str, ...] | None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
+from shard_tiny import make_tiny_mimic
+from typer.testing import CliRunner
 
+from cxrfast.cli import app
 from cxrfast.progress import LineProgress, progress, progress_kind
 
 
@@ -42,3 +46,15 @@ def test_the_kind_follows_the_stream_and_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("CXRFAST_PROGRESS", "fancy")
     with pytest.raises(ValueError, match="CXRFAST_PROGRESS must be one of"):
         progress("x", 1)
+
+
+def test_sharding_into_a_log_prints_lines_not_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXRFAST_PROGRESS", raising=False)
+    raw = tmp_path / "raw"
+    make_tiny_mimic(raw, studies=3)
+    args = ["shard", "mimic", "--root", str(raw), "--reports", str(raw / "mimic-cxr-reports.zip")]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out"), "--workers", "1", "--vocab-size", "200"])
+    assert r.exit_code == 0, r.output
+    for stage in ("metadata", "tokenizer", "images"):
+        assert f"{stage}: started" in r.stderr and f"{stage}: done" in r.stderr
+    assert "\r" not in r.stderr and "it/s]" not in r.stderr

@@ -163,7 +163,7 @@ def test_bad_rows_are_skipped_counted_and_listed(tmp_path: Path) -> None:
     frontal[0].unlink()  # missing image
     frontal[1].write_bytes(b"\xff\xd8 garbage")  # undecodable
     frontal[2].write_bytes(frontal[2].read_bytes()[:2000])  # truncated
-    s = _shard(raw, tmp_path / "out")
+    s = _shard(raw, tmp_path / "out", max_skipped_fraction=1.0)
     m = _assert_in_eq_out_plus_skipped(tmp_path / "out")
     assert m["skipped"] == {"missing_image": 1, "undecodable_image": 2} == s.skipped
     rows = [json.loads(x) for x in (tmp_path / "out" / SKIPPED).read_text().splitlines()]
@@ -206,7 +206,7 @@ def test_output_folder_of_another_dataset_or_parameters_is_refused(tmp_path: Pat
     root = make_tiny_chexpert(tmp_path / "chex", patients=3)
     with pytest.raises(ValueError, match="manifest of dataset 'mimic'.*--overwrite"):
         shard_chexpert(root, out, workers=1)
-    with pytest.raises(ValueError, match=r"different parameters \(max_size\)"):
+    with pytest.raises(ValueError, match=r"other parameters or inputs: max_size 512 -> 256 \(use --overwrite"):
         _shard(raw, out, max_size=256)
     s = shard_chexpert(root, out, workers=1, overwrite=True)
     assert _manifest(out)["dataset"] == "chexpert" and s.samples > 0
@@ -376,6 +376,8 @@ def test_a_script_without_main_guard_gets_a_clear_error_not_a_nested_run(tmp_pat
     res = subprocess.run([sys.executable, str(script), str(raw), str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "WorkerError" in res.stderr and 'if __name__ == "__main__":' in res.stderr
+    # the re-run inside a worker was refused by the folder lock before it wrote anything
+    assert "is being written by another cxrfast shard run" in res.stderr
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
 
 
