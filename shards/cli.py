@@ -111,15 +111,16 @@ def chexpert(
 def inspect_cmd(
     shards: Path = typer.Argument(..., help="A shard folder (holding manifest.json)."),
     sheet: Path | None = typer.Option(None, "--sheet", help="Contact sheet PNG (default: DIR/contact_sheet.png)."),
-    samples: int = typer.Option(16, "--samples", help="Random samples on the contact sheet."),
+    samples: int = typer.Option(16, "--samples", help="Random samples on the contact sheet (0: no sheet)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the contact sheet's samples."),
 ) -> None:
-    """Verify a shard folder (sha256, DALI indices, members, labels, counts), print statistics,
-    write a contact sheet; exit 1 listing every inconsistency."""
-    from cxrfast.shards.inspect import inspect_shards
+    """Verify a shard folder (sha256, DALI indices, members, labels, counts, tokenizer, sample
+    table), print statistics and the verdict, then write a contact sheet; exit 1 listing every
+    inconsistency."""
+    from cxrfast.shards.inspect import inspect_shards, write_contact_sheet
 
     try:
-        report = inspect_shards(shards, sheet=sheet, samples=samples, seed=seed)
+        report = inspect_shards(shards, samples=samples, seed=seed)
     except ValueError as e:
         raise _fail(e) from e
     typer.echo(report.text())
@@ -127,5 +128,20 @@ def inspect_cmd(
         typer.secho(f"{len(report.problems)} problem(s) in {shards}:", fg=typer.colors.RED, err=True)
         for p in report.problems:
             typer.secho(f"  - {p}", fg=typer.colors.RED, err=True)
+    else:
+        typer.secho(f"OK: {shards} is consistent", fg=typer.colors.GREEN)
+    # The verdict is out before the sheet: a folder we cannot write into (read-only) still gets it.
+    path = sheet or shards / "contact_sheet.png"
+    try:
+        if write_contact_sheet(report, path) is not None:
+            typer.echo(f"contact sheet: {path}")
+    except OSError as e:
+        typer.secho(
+            f"{'error' if sheet else 'warning'}: cannot write the contact sheet {path} ({e.strerror or e})"
+            + ("" if sheet else "; pass --sheet PATH to write it elsewhere"),
+            fg=typer.colors.RED if sheet else typer.colors.YELLOW, err=True,
+        )  # fmt: skip
+        if sheet and not report.problems:
+            raise typer.Exit(2) from None
+    if report.problems:
         raise typer.Exit(1)
-    typer.secho(f"OK: {shards} is consistent", fg=typer.colors.GREEN)
