@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 from shard_tiny import shard_tiny_mimic, tiny_mimic_raw
 
+from cxrfast.shards.inspect import inspect_shards
 from cxrfast.shards.manifest import check_unchanged, file_sha256
 from cxrfast.shards.schema import MANIFEST
 from cxrfast.shards.tarwriter import IndexedTarWriter
@@ -193,3 +194,4 @@ def test_an_image_fixed_after_a_run_rewrites_its_tar(tmp_path: Path) -> None:
     again = shard_tiny_mimic(raw, out, max_skipped_fraction=1.0)
     assert again.skipped == {} and again.samples == first.samples + 1
     assert again.tars_resumed == first.tars - 1  # only the tar planned to hold it was rewritten
+    assert inspect_shards(out, samples=0).problems == []  # manifest, sample table and tars agree
