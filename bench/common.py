@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_MD = Path("bench/RESULTS.md")
+#: Where benchmarks write their JSON, PNG and cached data (a data folder, never the source tree).
+BENCH_OUT = Path("data/bench")
 _HEADER = "| date | machine | commit | command | numbers |\n|---|---|---|---|---|\n"
 
 

@@ -224,9 +224,11 @@ def record(path: Path, results_md: Path | None = None) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from cxrfast.bench.common import BENCH_OUT
+
     p = argparse.ArgumentParser(prog="cxrfast bench gpu", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")),
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or BENCH_OUT),
                    help="where gpu_suite.json/.png go (only these: the device tool brings back a few files)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cxrfast-gpu-suite"), help="data and per-step outputs")
     p.add_argument("--budget-s", type=float, default=540.0, help="total seconds for all steps (data included)")

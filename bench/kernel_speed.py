@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import append_results_row, bar_plot, command_line, machine, median_time, write_json
+from .common import BENCH_OUT, append_results_row, bar_plot, command_line, machine, median_time, write_json
 
 log = logging.getLogger(__name__)
 NAME = "kernel_speed"
@@ -114,7 +114,7 @@ def _cuda_measure(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[flo
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cxrfast bench kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for kernel_speed.json/.png")
+    parser.add_argument("--out", type=Path, default=BENCH_OUT, help="folder for kernel_speed.json/.png")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256 on CUDA, 8 on CPU)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of tokens and predictions")
     parser.add_argument("--warmup", type=int, default=25, help="CUDA: warm-up time in ms (do_bench); CPU: untimed calls, at most 2")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cxrfast.bench.common import BENCH_OUT
 from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="CPU workers: DALI num_threads and DataLoader num_workers (default: all cores)")
     p.add_argument("--device", choices=["gpu", "cpu"], default=None, help="DALI device (default: gpu if CUDA)")
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=BENCH_OUT)
     p.add_argument("--no-results-row", action="store_true", help="do not append to bench/RESULTS.md")
     return p.parse_args(argv)
 

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from cxrfast.bench.common import append_results_row, bar_plot, command_line, machine, write_json
+from cxrfast.bench.common import BENCH_OUT, append_results_row, bar_plot, command_line, machine, write_json
 
 NAME = "shard_throughput"
 
@@ -146,8 +146,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="cxrfast shard workers (default: all cores).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed runs of each (after one warm-up run each).")
-    ap.add_argument("--cache", type=Path, default=Path("bench/out/cache"))
-    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--cache", type=Path, default=BENCH_OUT / "cache")
+    ap.add_argument("--out", type=Path, default=BENCH_OUT)
     ap.add_argument("--one", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

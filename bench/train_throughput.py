@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cxrfast.bench.common import append_results_row, bar_plot, command_line, machine, write_json
+from cxrfast.bench.common import BENCH_OUT, append_results_row, bar_plot, command_line, machine, write_json
 from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--presets", help="comma-separated preset names (default: by device)")
     p.add_argument("--shards", type=Path, help="shard folder (default: synthesize one under OUT/_shards)")
     p.add_argument("--synth-studies", type=int, help="studies to synthesize without --shards (default 60 CPU, 600 CUDA)")
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=BENCH_OUT)
     p.add_argument("--batch-size", type=int, help="micro-batch per step (default: the preset's)")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default 20 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2 CPU, 10 CUDA)")

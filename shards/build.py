@@ -1,33 +1,47 @@
 """`shard_mimic` / `shard_chexpert`: raw dataset tree -> WebDataset tars + DALI indices + manifest.
 
-Stages (each with a progress bar): metadata (polars) -> tokenizer (train or load) -> images
-(worker processes, each writing whole tars). Resumable: finished tars whose sha256 matches
-their done-record are kept on a re-run with the same parameters.
+Stages (each with progress, see `cxrfast.progress`): metadata (polars) -> tokenizer (train or
+load) -> images (worker processes, each writing whole tars) -> manifest. Everything around a
+dataset's metadata reader is dataset-independent (`_shard`): option checks before any work, the
+output folder's guard and lock (`cxrfast.shards.outdir`, `cxrfast.shards.lock`), input
+fingerprints (`cxrfast.shards.inputs`), resume, verification of every tar the manifest lists,
+the skipped-rows threshold.
+
+Resumable: a re-run with the same parameters and inputs keeps each finished tar whose planned rows
+(source file sizes and mtimes included) are unchanged and whose sha256 still matches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import cxrfast
+from cxrfast.progress import progress
+from cxrfast.shards.inputs import fingerprint_files, fingerprint_reports, with_source_stats
+from cxrfast.shards.lock import FolderLock
 from cxrfast.shards.manifest import (
+    check_unchanged,
     file_sha256,
     load_finished,
-    prepare_output,
-    remove_stale,
+    record_path,
     write_json_atomic,
 )
+from cxrfast.shards.metadata_common import find_dataset_root
+from cxrfast.shards.options import DEFAULT_MAX_SKIPPED_FRACTION, ShardOptions
+from cxrfast.shards.outdir import check_not_foreign, make_out, prepare_output, remove_stale
 from cxrfast.shards.pixel_stats import PixelHistogram
 from cxrfast.shards.plan import plan_digest, plan_tars
 from cxrfast.shards.pool import WorkerPool
@@ -47,7 +61,6 @@ from cxrfast.shards.worker import TarTask, write_tar
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class ShardSummary:
     """What a sharding run produced."""
@@ -61,19 +74,19 @@ class ShardSummary:
     tars: int
     bytes: int
     seconds: float
-    images_written: int = 0  # rows processed by this run (not resumed)
+    images_written: int = 0  # samples written by this run (not resumed, not skipped)
     image_seconds: float = 0.0  # from the first tar task starting in a worker to the last one done
     tars_resumed: int = 0
     per_split: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
-        """End to end: metadata, tokenizer, worker start-up, images, manifest."""
+        """Samples written per second, end to end: metadata, tokenizer, worker start-up, images, manifest."""
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def steady_images_per_s(self) -> float:
-        """The image stage alone, once the workers are running."""
+        """Samples written per second by the image stage alone, once the workers are running."""
         return self.images_written / self.image_seconds if self.image_seconds > 0 else 0.0
 
     def line(self) -> str:
@@ -84,15 +97,11 @@ class ShardSummary:
             f"{self.dataset}: {self.samples} samples in {self.tars} tars "
             f"({', '.join(f'{k} {v}' for k, v in self.per_split.items())}), {sk} skipped{why}, "
             f"{self.without_report} without report, {self.bytes / 1e9:.3f} GB, "
-            f"{self.images_per_s:.1f} img/s ({self.seconds:.1f} s){resumed} -> {self.out}"
+            f"{self.images_written} written at {self.images_per_s:.1f} img/s ({self.seconds:.1f} s){resumed} -> {self.out}"
         )
 
 
-def _stage(desc: str, total: int | None = None, unit: str = "it") -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
-
-
-def _train_texts(store: ReportStore, studies: pl.DataFrame, bar: tqdm) -> Iterator[str]:
+def _train_texts(store: ReportStore, studies: pl.DataFrame, bar: Any) -> Iterator[str]:
     for subject_id, study_id in studies.iter_rows():
         rep = parse_report(store.read(subject_id, study_id))
         bar.update(1)
@@ -112,12 +121,46 @@ def _prepare_tokenizer(out: Path, rows: pl.DataFrame, store: ReportStore, tokeni
         return tok
     else:
         studies = rows.filter(pl.col("split") == "train").select("subject_id", "study_id").unique().sort(["subject_id", "study_id"])
-        with _stage("tokenizer", studies.height, "report") as bar:
+        with progress("tokenizer", studies.height, "report") as bar:
             tok = train_wordpiece(_train_texts(store, studies, bar), vocab_size, workdir=out)
     tmp = path.with_name(path.name + ".tmp")
     tok.save(str(tmp))
     os.replace(tmp, path)
     return tok
+
+
+def _check_skipped(rows_in: int, samples_out: int, skipped: list[dict], max_fraction: float, out: Path) -> None:
+    """ValueError when nothing was written or more than `max_fraction` of the rows were skipped,
+    naming the commonest reason and one of its rows."""
+    if not skipped and samples_out:
+        return
+    reasons = Counter(s["reason"] for s in skipped)
+    reason, n = reasons.most_common(1)[0] if reasons else ("", 0)
+    example = next((s for s in skipped if s["reason"] == reason), None)
+    why = f"commonest reason {reason} ({n} rows), e.g. {example['path']}: {example['detail']}" if example else "no rows"
+    where = f"every skipped row is listed in {out / SKIPPED}"
+    if samples_out == 0:
+        raise ValueError(f"no samples written: all {rows_in} rows were skipped ({why}); {where}")
+    share = len(skipped) / rows_in
+    if share > max_fraction:
+        raise ValueError(
+            f"{len(skipped)} of {rows_in} rows ({100 * share:.1f}%) were skipped, more than --max-skipped-fraction "
+            f"{max_fraction} ({why}); {where}. Fix the inputs and re-run (finished tars are kept), or raise "
+            "--max-skipped-fraction to accept them"
+        )
+
+
+def _check_finished(out: Path, plans: list, digests: list[str]) -> list[dict | None]:
+    """The still-valid done-record (or None) of each planned tar; tars are re-hashed in threads."""
+    if not any(record_path(out, p.name).exists() for p in plans):
+        return [None] * len(plans)
+    with progress("resume check", len(plans), "tar") as bar, ThreadPoolExecutor(min(8, len(plans))) as ex:
+        def one(i: int) -> dict | None:
+            rec = load_finished(out, plans[i].name, digests[i])
+            bar.update(1)
+            return rec
+
+        return list(ex.map(one, range(len(plans))))
 
 
 def _run(
@@ -127,6 +170,7 @@ def _run(
     rows: pl.DataFrame,
     counts: dict,
     params: dict,
+    opts: ShardOptions,
     *,
     reports: ReportStore | None,
     tokenizer: Path | None,
@@ -150,44 +194,42 @@ def _run(
         tok_entry = tokenizer_manifest(tok, TOKENIZER)
 
     planned, plans = plan_tars(
-        rows, seed=params["seed"], samples_per_tar=params["samples_per_tar"], target_tar_mb=params["target_tar_mb"],
-        max_size=params["max_size"],
+        rows, seed=opts.seed, samples_per_tar=opts.samples_per_tar, target_tar_mb=opts.target_tar_mb,
+        max_size=opts.max_size,
     )  # fmt: skip
+    slices = [planned.slice(p.start, p.size) for p in plans]
+    digests = [plan_digest(sl) for sl in slices]
     records: dict[str, dict] = {}
     resumed: set[str] = set()
-    bar = _stage("images", planned.height, "img")
-    try:
-        todo = []
-        for p in plans:
-            sl = planned.slice(p.start, p.size)
-            sha = plan_digest(sl)
-            rec = load_finished(out, p.name, sha)
-            if rec is not None:
-                records[p.name] = rec
-                resumed.add(p.name)
-                bar.update(rec["rows"])
-            else:
-                todo.append((p, sl, sha))
-        # Largest tars first (stable): the last tars to finish are small ones, so no worker sits
-        # idle for long at the end. Every tar is independent: the order changes no output byte.
-        todo.sort(key=lambda item: -item[0].size)
+    todo = []
+    for p, sl, sha, rec in zip(plans, slices, digests, _check_finished(out, plans, digests), strict=True):
+        if rec is not None:
+            records[p.name] = rec
+            resumed.add(p.name)
+        else:
+            todo.append((p, sl, sha))
+    if todo:  # the folder is about to change: no manifest may vouch for it until this run ends
+        (out / MANIFEST).unlink(missing_ok=True)
+    # Largest tars first (stable): the last tars to finish are small ones, so no worker sits
+    # idle for long at the end. Every tar is independent: the order changes no output byte.
+    todo.sort(key=lambda item: -item[0].size)
 
-        def tasks() -> Iterator[tuple[str, TarTask]]:
-            for p, sl, sha in todo:
-                yield p.name, TarTask(
-                    dataset=dataset, root=root, out=out, tar=p.name, split=p.split, plan_sha=sha, rows=sl.to_dicts(),
-                    max_size=params["max_size"], quality=params["quality"], image_ext=params["image_ext"],
-                    reports=reports.path if reports is not None else None,
-                    tokenizer=(out / TOKENIZER) if reports is not None else None,
-                )  # fmt: skip
+    def tasks() -> Iterator[tuple[str, TarTask]]:
+        for p, sl, sha in todo:
+            yield p.name, TarTask(
+                dataset=dataset, root=root, out=out, tar=p.name, split=p.split, plan_sha=sha, rows=sl.to_dicts(),
+                max_size=opts.max_size, quality=opts.quality, image_ext=opts.image_ext,
+                reports=reports.path if reports is not None else None,
+                tokenizer=(out / TOKENIZER) if reports is not None else None,
+            )  # fmt: skip
 
+    with progress("images", planned.height, "img") as bar:
+        bar.update(sum(records[n]["rows"] for n in resumed))
         # At most 2 tars per worker in flight: bounded memory whatever the dataset size.
         for name, rec in pool.map_unordered(write_tar, tasks(), in_flight=2 * pool.workers):
             records[name] = rec
             bar.update(rec["rows"])
-        images_done_at = time.time()
-    finally:
-        bar.close()
+    images_done_at = time.time()
 
     # Merge the done-records in plan order.
     splits: dict[str, list[dict]] = {}
@@ -220,6 +262,10 @@ def _run(
         for s in skipped_rows:
             f.write(json.dumps(s) + "\n")
     os.replace(tmp, skipped_path)
+    _check_skipped(rows_in, samples_out, skipped_rows, opts.max_skipped_fraction, out)
+    # The manifest vouches only for tars that are still the bytes that were hashed.
+    for p in plans:
+        check_unchanged(out, records[p.name])
     table = build_sample_table(planned, plans, {s["key"] for s in skipped_rows}, LABEL_NAMES)
     if table.height != samples_out:
         raise AssertionError(f"sample table has {table.height} rows, the tars {samples_out} samples")
@@ -253,7 +299,7 @@ def _run(
     elapsed = time.perf_counter() - t0
     starts = [records[p.name]["started_at"] for p in plans if p.name not in resumed]
     image_seconds = (images_done_at - min(starts)) if starts else 0.0
-    written = sum(records[p.name]["rows"] for p in plans if p.name not in resumed)
+    written = sum(records[p.name]["samples"] for p in plans if p.name not in resumed)
     summary = ShardSummary(
         out=out, dataset=dataset, rows_in=rows_in, samples=samples_out, skipped=dict(reasons), without_report=without_report,
         tars=sum(len(v) for v in splits.values()), bytes=sum(t["bytes"] for ts in splits.values() for t in ts),
@@ -264,21 +310,54 @@ def _run(
     return summary
 
 
-def _params(dataset: str, **kw) -> dict:
-    """The creation parameters recorded in the manifest (everything that changes the output;
-    not --workers or --overwrite)."""
-    kw["views"] = ",".join(kw["views"]) if not isinstance(kw["views"], str) else kw["views"]
-    for k in ("tokenizer",):
-        if kw.get(k) is not None:
-            kw[k] = str(Path(kw[k]).resolve())
-    return {"dataset": dataset, **kw}
-
-
-def _workers(workers: int | None) -> int:
-    n = workers or os.cpu_count() or 1
-    if n < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    return n
+def _shard(
+    dataset: str,
+    root: Path,
+    out: Path,
+    opts: ShardOptions,
+    *,
+    read_rows: Callable[[], tuple[pl.DataFrame, dict]],
+    tables: dict[str, Path],
+    params: dict[str, Any],
+    reports: ReportStore | None = None,
+    tokenizer: Path | None = None,
+    vocab_size: int = 30000,
+    t0: float,
+) -> ShardSummary:
+    """What every dataset's sharding does around its metadata reader: claim `out` (refuse a
+    foreign folder, lock it), start the workers, read the rows, fingerprint the inputs, check or
+    resume the folder, write the tars and the manifest. `tables` are the input tables read by
+    `read_rows` (fingerprinted into `created_with.inputs`); `params` the dataset's own creation
+    parameters (added to `opts.params()`)."""
+    created = make_out(out)
+    try:
+        check_not_foreign(out, overwrite=opts.overwrite)
+        # The lock is taken before any work, the workers start in the background (their start-up
+        # overlaps the metadata) and are stopped before the lock is released.
+        with FolderLock(out), WorkerPool(opts.n_workers) as pool:
+            with progress("metadata", 3, "step") as bar:
+                rows, counts = read_rows()
+                bar.update(1)
+                rows = with_source_stats(rows, root, opts.image_ext)
+                inputs = fingerprint_files(tables)
+                provenance = {"root": str(root.resolve())}
+                if reports is not None:
+                    studies = rows.select("subject_id", "study_id").unique().iter_rows()
+                    inputs["reports"] = fingerprint_reports(reports, studies)
+                    provenance["reports"] = str(reports.path.resolve())
+                bar.update(1)
+                all_params = {"dataset": dataset, **opts.params(), **params, **provenance, "inputs": inputs}
+                prepare_output(out, dataset, all_params, overwrite=opts.overwrite)
+                bar.update(1)
+            return _run(
+                dataset, root, out, rows, counts, all_params, opts, reports=reports, tokenizer=tokenizer,
+                vocab_size=vocab_size, pool=pool, t0=t0,
+            )  # fmt: skip
+    except BaseException:
+        if created:  # nothing of this run stays behind in a folder it made, unless it claimed it
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def shard_mimic(
@@ -298,35 +377,33 @@ def shard_mimic(
     overwrite: bool = False,
     labels: str = "chexpert",
     image_ext: str = "jpg",
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> ShardSummary:
-    """Shard a MIMIC-CXR-JPG 2.0.0 tree (+ MIMIC-CXR reports, zip or unpacked) into `out`."""
-    from cxrfast.shards.mimic_metadata import read_mimic
+    """Shard a MIMIC-CXR-JPG 2.0.0 tree (+ MIMIC-CXR reports, zip or unpacked) into `out`.
+    `root` may also be a folder above the one holding `files/` and the CSVs (it is found)."""
+    from cxrfast.shards import mimic_metadata as mm
 
     t0 = time.perf_counter()
-    root, out = Path(root), Path(out)
-    _check_image_options(max_size, quality, image_ext)
-    if not root.is_dir():
-        raise ValueError(f"--root {root} is not a directory")
-    store = ReportStore(Path(reports))
-    params = _params(
-        "mimic", max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
-        seed=seed, views=views, tokenizer=tokenizer, vocab_size=vocab_size, labels=labels, image_ext=image_ext,
+    opts = ShardOptions(
+        max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+        workers=workers, seed=seed, views=views, image_ext=image_ext, overwrite=overwrite,
+        max_skipped_fraction=max_skipped_fraction,
     )  # fmt: skip
+    if vocab_size < 10:
+        raise ValueError(f"--vocab-size must be >= 10, got {vocab_size}")
+    root, out = _dataset_root(Path(root), mm.METADATA_CSV, "MIMIC-CXR-JPG"), Path(out)
+    tables = mm.input_tables(root, labels)  # checks --labels
+    store = ReportStore(Path(reports))
+    params: dict[str, Any] = {"vocab_size": vocab_size, "labels": labels, "tokenizer": None}
     if tokenizer is not None:  # the same path holding another tokenizer must not resume old tars
         from cxrfast.shards.tokenize import load_tokenizer
 
+        params["tokenizer"] = str(Path(tokenizer).resolve())
         params["tokenizer_sha256"] = hashlib.sha256(load_tokenizer(tokenizer).to_str().encode()).hexdigest()
-    # The workers start now, in the background: their start-up overlaps metadata and tokenizer.
-    with WorkerPool(_workers(workers)) as pool:
-        with _stage("metadata", 2, "step") as bar:
-            rows, counts = read_mimic(root, views=views, labels=labels)
-            bar.update(1)
-            prepare_output(out, "mimic", params, overwrite=overwrite)
-            bar.update(1)
-        return _run(
-            "mimic", root, out, rows, counts, params, reports=store, tokenizer=tokenizer, vocab_size=vocab_size,
-            pool=pool, t0=t0,
-        )  # fmt: skip
+    return _shard(
+        "mimic", root, out, opts, read_rows=lambda: mm.read_mimic(root, views=views, labels=labels), tables=tables,
+        params=params, reports=store, tokenizer=tokenizer, vocab_size=vocab_size, t0=t0,
+    )  # fmt: skip
 
 
 def shard_chexpert(
@@ -345,41 +422,35 @@ def shard_chexpert(
     overwrite: bool = False,
     validate_fraction: float = 0.1,
     image_ext: str = "jpg",
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> ShardSummary:
-    """Shard a CheXpert v1.0(-small) folder (`root` holds train.csv/valid.csv) into `out`.
-    CheXpert has no reports: `tokenizer`/`vocab_size` are accepted for symmetry and unused."""
-    from cxrfast.shards.chexpert_metadata import read_chexpert
+    """Shard a CheXpert v1.0(-small) folder (`root` holds train.csv/valid.csv; the folder above
+    it is accepted too) into `out`. CheXpert has no reports: `tokenizer`/`vocab_size` are accepted
+    for symmetry and unused."""
+    from cxrfast.shards import chexpert_metadata as cm
 
     t0 = time.perf_counter()
-    root, out = Path(root), Path(out)
-    _check_image_options(max_size, quality, image_ext)
-    if not root.is_dir():
-        raise ValueError(f"--root {root} is not a directory")
+    opts = ShardOptions(
+        max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+        workers=workers, seed=seed, views=views, image_ext=image_ext, overwrite=overwrite,
+        max_skipped_fraction=max_skipped_fraction,
+    )  # fmt: skip
+    if not 0.0 <= validate_fraction < 1.0:
+        raise ValueError(f"--validate-fraction must be in [0, 1), got {validate_fraction}")
+    root, out = _dataset_root(Path(root), cm.TABLES["train_csv"], "CheXpert"), Path(out)
     if tokenizer is not None:
         log.warning("CheXpert has no reports: --tokenizer is ignored")
-    params = _params(
-        "chexpert", max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
-        seed=seed, views=views, validate_fraction=validate_fraction, image_ext=image_ext,
+    return _shard(
+        "chexpert", root, out, opts,
+        read_rows=lambda: cm.read_chexpert(root, views=views, validate_fraction=validate_fraction, seed=seed),
+        tables=cm.input_tables(root), params={"validate_fraction": validate_fraction}, t0=t0,
     )  # fmt: skip
-    with WorkerPool(_workers(workers)) as pool:
-        with _stage("metadata", 2, "step") as bar:
-            rows, counts = read_chexpert(root, views=views, validate_fraction=validate_fraction, seed=seed)
-            bar.update(1)
-            prepare_output(out, "chexpert", params, overwrite=overwrite)
-            bar.update(1)
-        return _run(
-            "chexpert", root, out, rows, counts, params, reports=None, tokenizer=None, vocab_size=vocab_size,
-            pool=pool, t0=t0,
-        )  # fmt: skip
 
 
-def _check_image_options(max_size: int, quality: int, image_ext: str) -> None:
-    if max_size < 16:
-        raise ValueError(f"--max-size must be >= 16, got {max_size}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"--quality must be in 1..100, got {quality}")
-    if image_ext not in ("jpg", "png"):
-        raise ValueError(f"--image-ext must be jpg or png, got {image_ext!r}")
+def _dataset_root(root: Path, marker: str, what: str) -> Path:
+    if not root.is_dir():
+        raise ValueError(f"--root {root} is not a directory")
+    return find_dataset_root(root, marker, what)
 
 
-__all__ = ["ShardSummary", "shard_mimic", "shard_chexpert"]
+__all__ = ["ShardOptions", "ShardSummary", "shard_mimic", "shard_chexpert", "DEFAULT_MAX_SKIPPED_FRACTION"]

@@ -17,6 +17,9 @@ from cxrfast.shards.metadata_common import (
     ROW_COLUMNS,
     check_keys,
     check_label_values,
+    check_rows,
+    check_unique,
+    check_views_left,
     label_codes_expr,
     parse_views,
     read_csv,
@@ -27,10 +30,22 @@ CSV_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_NAMES)
 _PATH_RE = r"(?:^|/)(patient\d+)/(study\d+)/(view\d+_(?:frontal|lateral))\.jpg$"
 
 
-def _one_csv(root: Path, name: str, views: tuple[str, ...] | None) -> tuple[pl.DataFrame, int]:
+#: The tables `read_chexpert` reads (label -> file name in the dataset folder).
+TABLES = {"train_csv": "train.csv", "valid_csv": "valid.csv"}
+
+
+def input_tables(root: Path) -> dict[str, Path]:
+    """The tables `read_chexpert` reads."""
+    return {label: Path(root) / name for label, name in TABLES.items()}
+
+
+def _one_csv(root: Path, name: str, views: tuple[str, ...] | None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """(rows kept by the view filter, the view of every row, rows in the file)."""
     path = root / name
     df = read_csv(path, CSV_COLUMNS)
     total = df.height
+    check_rows(df, path)
+    check_unique(df, ["Path"], path)
     check_label_values(df, path)
     bad = df.filter(~pl.col("Path").str.contains(_PATH_RE))
     if bad.height:
@@ -43,6 +58,7 @@ def _one_csv(root: Path, name: str, views: tuple[str, ...] | None) -> tuple[pl.D
         pl.col("Path").str.extract(_PATH_RE, 2).alias("_study"),
         pl.col("Path").str.extract(_PATH_RE, 3).alias("_image"),
     )
+    all_views = df["view"]
     if views is not None:
         df = df.filter(pl.col("view").is_in(list(views)))
     # Path is relative to the folder holding the dataset folder (`root.parent`): drop its first
@@ -61,7 +77,7 @@ def _one_csv(root: Path, name: str, views: tuple[str, ...] | None) -> tuple[pl.D
         rel.alias("source_path"),
         label_codes_expr(path),
     )
-    return out, total
+    return out, all_views, total
 
 
 def read_chexpert(
@@ -72,8 +88,15 @@ def read_chexpert(
     if not 0.0 <= validate_fraction < 1.0:
         raise ValueError(f"--validate-fraction must be in [0, 1), got {validate_fraction}")
     keep = parse_views(views)
-    train, n_train = _one_csv(root, "train.csv", keep)
-    test, n_test = _one_csv(root, "valid.csv", keep)
+    train, train_views, n_train = _one_csv(root, TABLES["train_csv"], keep)
+    check_views_left(train, keep, train_views, root / TABLES["train_csv"])
+    test, _, n_test = _one_csv(root, TABLES["valid_csv"], keep)
+    both = set(train["key"]) & set(test["key"])
+    if both:
+        raise ValueError(
+            f"{root / 'train.csv'} and {root / 'valid.csv'} both list image {sorted(both)[0]} "
+            f"({len(both)} images in both); an image belongs to one split"
+        )
     test = test.with_columns(pl.lit("test").alias("split"))
     patients = np.array(sorted(train["subject_id"].unique().to_list()), dtype=object)
     n_val = math.ceil(validate_fraction * len(patients)) if validate_fraction > 0 else 0

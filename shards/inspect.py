@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from cxrfast.progress import progress
+from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.lock import lock_holder
 from cxrfast.shards.manifest import file_sha256, read_manifest
 from cxrfast.shards.schema import (
     DEFAULT_TEXT,
@@ -27,10 +29,12 @@ from cxrfast.shards.schema import (
     SPLITS,
     TEXTS,
     decode_member,
+    idx_name,
 )
 from cxrfast.shards.tarwriter import index_from_tar
 
 _CODES = {1: "pos", 0: "neg", -1: "unc", -2: "missing"}
+_ENTRY_KEYS = ("tar", "idx", "samples", "bytes", "sha256")
 
 
 @dataclass
@@ -44,7 +48,8 @@ class InspectReport:
     report_words: list[int] = field(default_factory=list)
     token_lengths: list[int] = field(default_factory=list)
     without_report: int = 0
-    sheet: Path | None = None
+    sheet_samples: list[tuple[str, bytes, np.ndarray]] = field(default_factory=list, repr=False)  # (key, jpg, labels)
+    sheet: Path | None = None  # where write_contact_sheet drew them
 
     def text(self) -> str:
         lines = [f"shards: {self.root}"]
@@ -61,8 +66,6 @@ class InspectReport:
                     f"p95={np.percentile(a, 95):.0f} max={a.max()}"
                 )
         lines.append(f"samples without report: {self.without_report}")
-        if self.sheet is not None:
-            lines.append(f"contact sheet: {self.sheet}")
         return "\n".join(lines)
 
 
@@ -94,7 +97,7 @@ def _check_text(key: str, name: str, members: dict[str, bytes], tok: dict, rep: 
         p.append(f"{where}: {key} has {t.ids} but the manifest has no tokenizer")
     elif ids.size < 1 or ids[0] != sp.get("cls") or ("sep" in sp and (ids.size < 2 or ids[-1] != sp["sep"])):
         p.append(f"{where}: {key}.{t.ids} does not start with [CLS]" + (" and end with [SEP]" if "sep" in sp else ""))
-    elif ids.min() < 0 or ids.max() >= tok["vocab_size"]:
+    elif isinstance(tok.get("vocab_size"), int) and (ids.min() < 0 or ids.max() >= tok["vocab_size"]):
         p.append(f"{where}: {key}.{t.ids} holds ids outside [0, {tok['vocab_size']})")
     if name == DEFAULT_TEXT:
         rep.token_lengths.append(int(ids.size))
@@ -163,15 +166,89 @@ def _read_samples(tar_path: Path):
         yield key, members
 
 
-def inspect_shards(root: Path, *, sheet: Path | None = None, samples: int = 16, seed: int = 0) -> InspectReport:
-    """Verify `root` (sha256, idx, members, labels, counts) and gather statistics; draws the
-    contact sheet at `sheet` (default root/contact_sheet.png; samples=0 draws none)."""
+def _entries(manifest: dict, man_p: Path, p: list[str]) -> list[tuple[str, dict]]:
+    """(split, entry) for each tar entry of the manifest that names a tar; a malformed entry is a problem."""
+    splits = manifest.get("splits")
+    if splits is None:
+        return []
+    if not isinstance(splits, dict):
+        p.append(f"{man_p}: 'splits' is a {type(splits).__name__}, expected split -> list of tars")
+        return []
+    out = []
+    for split, entries in splits.items():
+        if split not in SPLITS:
+            p.append(f"{man_p}: unknown split {split!r}")
+        if not isinstance(entries, list):
+            p.append(f"{man_p}: splits[{split!r}] is a {type(entries).__name__}, expected a list of tars")
+            continue
+        for i, t in enumerate(entries):
+            lacking = [k for k in _ENTRY_KEYS if not isinstance(t, dict) or k not in t]
+            if lacking:
+                p.append(f"{man_p}: splits[{split!r}][{i}] lacks {lacking}")
+            if isinstance(t, dict) and isinstance(t.get("tar"), str):
+                out.append((split, t))
+    return out
+
+
+def _check_tokenizer(folder: ShardFolder, p: list[str]) -> None:
+    tok = folder.manifest.get("tokenizer")
+    if not tok:
+        return
+    try:
+        path = folder.tokenizer_path
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        if size != tok["vocab_size"]:
+            p.append(f"{path}: vocabulary of {size} tokens, the manifest says {tok['vocab_size']}")
+    except (ValueError, OSError, KeyError) as e:  # tokenizers raises Exception subclasses for bad files
+        p.append(f"tokenizer: {e}")
+    except Exception as e:  # noqa: BLE001 (tokenizers' parse error type is not exported)
+        p.append(f"{folder.root / str(tok.get('file'))}: not a readable tokenizer ({e})")
+
+
+def _check_sample_table(folder: ShardFolder, tar_keys: dict[str, tuple[str, list[str]]], p: list[str]) -> None:
+    """The sample table against the manifest (rows, sha256) and the tars (keys in tar order, split)."""
+    import polars as pl
+
+    entry = folder.manifest.get("sample_table")
+    if not entry:
+        return  # listed by the missing-keys check
+    try:
+        table = folder.sample_table()
+    except (ValueError, OSError, KeyError, pl.exceptions.PolarsError) as e:
+        p.append(f"sample table: {e}")
+        return
+    path = folder.root / entry["file"]
+    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        p.append(f"{path}: sha256 differs from the manifest")
+    by_tar = {t: (sub["key"].to_list(), set(sub["split"].to_list())) for (t,), sub in table.group_by("tar", maintain_order=True)}
+    for tar, (split, keys) in tar_keys.items():
+        got, splits = by_tar.pop(tar, ([], set()))
+        if got != keys:
+            p.append(f"{path}: rows of {tar} do not match the tar's samples ({len(got)} rows, {len(keys)} samples, or another order)")
+        elif splits and splits != {split}:
+            p.append(f"{path}: rows of {tar} have split {sorted(splits)}, the tar is in {split!r}")
+    for tar in by_tar:
+        p.append(f"{path}: rows name {tar}, which the manifest does not list")
+
+
+def inspect_shards(root: Path, *, samples: int = 16, seed: int = 0) -> InspectReport:
+    """Verify `root` (sha256, idx, members, labels, counts, tokenizer, sample table) and gather
+    statistics and `samples` random samples for the contact sheet (`write_contact_sheet`).
+    Every problem is listed, a damaged manifest included; ValueError only when there is no
+    readable manifest at all."""
     root = Path(root)
     man_p = root / MANIFEST
     try:
-        manifest = read_manifest(root, required=())  # missing keys are listed as problems below
+        folder = ShardFolder(root, read_manifest(root, required=()))  # missing keys are listed as problems below
     except FileNotFoundError as e:
+        holder = lock_holder(root)
+        if holder is not None:
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "another process"
+            raise ValueError(f"{root} is being written by a cxrfast shard run ({who}); inspect it when it has finished") from None
         raise ValueError(str(e)) from None  # the CLI reports a ValueError as "error: ..." (exit 2)
+    manifest = folder.manifest
     rep = InspectReport(root)
     p = rep.problems
     lacking = [k for k in MANIFEST_FIELDS if k not in manifest]
@@ -179,54 +256,58 @@ def inspect_shards(root: Path, *, sheet: Path | None = None, samples: int = 16, 
         p.append(f"{man_p}: missing keys {lacking}")
     if manifest.get("label_names") != list(LABEL_NAMES):
         p.append(f"{man_p}: label_names differ from the CheXpert order")
+    _check_tokenizer(folder, p)
     rng = np.random.default_rng(seed)
-    reservoir: list[tuple[str, bytes, np.ndarray]] = []
+    reservoir = rep.sheet_samples
     seen_keys: dict[str, str] = {}
+    tar_keys: dict[str, tuple[str, list[str]]] = {}
     n_seen = 0
-    tars = [(s, t) for s in (manifest.get("splits") or {}) for t in manifest["splits"][s]]
-    for split, t in tqdm(tars, desc="inspect", unit="tar", dynamic_ncols=True):
-        if split not in SPLITS:
-            p.append(f"{man_p}: unknown split {split!r}")
-        tar_p, idx_p = root / t["tar"], root / t["idx"]
-        if not tar_p.is_file():
-            p.append(f"{tar_p} is listed in the manifest but missing")
-            continue
-        if tar_p.stat().st_size != t["bytes"]:
-            p.append(f"{tar_p}: {tar_p.stat().st_size} bytes, manifest says {t['bytes']}")
-        if file_sha256(tar_p) != t["sha256"]:
-            p.append(f"{tar_p}: sha256 differs from the manifest")
-        try:
-            derived = index_from_tar(tar_p)
-        except tarfile.TarError as e:
-            p.append(f"{tar_p}: unreadable tar ({e})")
-            continue
-        if not idx_p.is_file():
-            p.append(f"{idx_p} is missing")
-        elif idx_p.read_text() != derived:
-            p.append(f"{idx_p} does not match its tar (re-derived index differs)")
-        n = 0
-        try:
-            for key, members in _read_samples(tar_p):
-                n += 1
-                if key in seen_keys:
-                    p.append(f"{tar_p.name}: sample {key} also appears in {seen_keys[key]}")
-                seen_keys[key] = tar_p.name
-                _check_sample(key, members, split, manifest, rep, tar_p.name)
-                if samples > 0 and "jpg" in members and "labels.i8" in members:
-                    n_seen += 1
-                    item = (key, members["jpg"], np.frombuffer(members["labels.i8"], np.int8))
-                    if len(reservoir) < samples:
-                        reservoir.append(item)
-                    else:
-                        j = int(rng.integers(n_seen))
-                        if j < samples:
-                            reservoir[j] = item
-        except (tarfile.TarError, OSError) as e:
-            p.append(f"{tar_p}: unreadable tar ({e})")
-        if n != t["samples"]:
-            p.append(f"{tar_p.name}: {n} samples, manifest says {t['samples']}")
-        rep.per_split[split] = rep.per_split.get(split, 0) + n
-    counts = manifest.get("counts") or {}
+    tars = _entries(manifest, man_p, p)
+    with progress("inspect", len(tars), "tar") as bar:
+        for split, t in tars:
+            bar.update(1)
+            tar_p = root / t["tar"]
+            if not tar_p.is_file():
+                p.append(f"{tar_p} is listed in the manifest but missing")
+                continue
+            if "bytes" in t and tar_p.stat().st_size != t["bytes"]:
+                p.append(f"{tar_p}: {tar_p.stat().st_size} bytes, manifest says {t['bytes']}")
+            if "sha256" in t and file_sha256(tar_p) != t["sha256"]:
+                p.append(f"{tar_p}: sha256 differs from the manifest")
+            try:
+                derived = index_from_tar(tar_p)
+            except tarfile.TarError as e:
+                p.append(f"{tar_p}: unreadable tar ({e})")
+                continue
+            idx_p = root / str(t.get("idx") or idx_name(t["tar"]))
+            if not idx_p.is_file():
+                p.append(f"{idx_p} is missing")
+            elif idx_p.read_text() != derived:
+                p.append(f"{idx_p} does not match its tar (re-derived index differs)")
+            keys = tar_keys.setdefault(t["tar"], (split, []))[1]
+            try:
+                for key, members in _read_samples(tar_p):
+                    keys.append(key)
+                    if key in seen_keys:
+                        p.append(f"{tar_p.name}: sample {key} also appears in {seen_keys[key]}")
+                    seen_keys[key] = tar_p.name
+                    _check_sample(key, members, split, manifest, rep, tar_p.name)
+                    if samples > 0 and "jpg" in members and "labels.i8" in members:
+                        n_seen += 1
+                        item = (key, members["jpg"], np.frombuffer(members["labels.i8"], np.int8))
+                        if len(reservoir) < samples:
+                            reservoir.append(item)
+                        else:
+                            j = int(rng.integers(n_seen))
+                            if j < samples:
+                                reservoir[j] = item
+            except (tarfile.TarError, OSError) as e:
+                p.append(f"{tar_p}: unreadable tar ({e})")
+            if "samples" in t and len(keys) != t["samples"]:
+                p.append(f"{tar_p.name}: {len(keys)} samples, manifest says {t['samples']}")
+            rep.per_split[split] = rep.per_split.get(split, 0) + len(keys)
+    _check_sample_table(folder, tar_keys, p)
+    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
     total = sum(rep.per_split.values())
     if counts.get("samples_out") != total:
         p.append(f"manifest counts.samples_out = {counts.get('samples_out')}, the tars hold {total}")
@@ -234,24 +315,38 @@ def inspect_shards(root: Path, *, sheet: Path | None = None, samples: int = 16, 
         p.append(f"manifest counts: rows_in {counts.get('rows_in')} != samples_out + skipped")
     if counts.get("without_report") is not None and manifest.get("tokenizer") and counts["without_report"] != rep.without_report:
         p.append(f"manifest counts.without_report = {counts['without_report']}, the tars hold {rep.without_report}")
-    sk_p = root / SKIPPED
-    if sk_p.is_file():
-        lines = [json.loads(line) for line in sk_p.read_text().splitlines() if line.strip()]
-        reasons = dict(Counter(s.get("reason") for s in lines))
-        if len(lines) != counts.get("skipped"):
-            p.append(f"{sk_p}: {len(lines)} rows, manifest counts.skipped = {counts.get('skipped')}")
-        if reasons != (manifest.get("skipped") or {}):
-            p.append(f"{sk_p}: reasons {reasons} differ from the manifest's {manifest.get('skipped')}")
-        for s in lines:
-            if not {"key", "path", "reason", "detail"} <= set(s):
-                p.append(f"{sk_p}: row {s} lacks key/path/reason/detail")
-                break
-    elif counts.get("skipped"):
-        p.append(f"{sk_p} is missing but the manifest counts {counts['skipped']} skipped rows")
-    if reservoir:
-        rep.sheet = sheet or root / "contact_sheet.png"
-        contact_sheet(reservoir, rep.sheet)
+    _check_skipped_file(root, manifest, counts, p)
     return rep
+
+
+def _check_skipped_file(root: Path, manifest: dict, counts: dict, p: list[str]) -> None:
+    sk_p = root / SKIPPED
+    if not sk_p.is_file():
+        if counts.get("skipped"):
+            p.append(f"{sk_p} is missing but the manifest counts {counts['skipped']} skipped rows")
+        return
+    try:
+        lines = [json.loads(line) for line in sk_p.read_text().splitlines() if line.strip()]
+    except (ValueError, OSError) as e:
+        p.append(f"{sk_p}: unreadable ({e})")
+        return
+    reasons = dict(Counter(s.get("reason") for s in lines if isinstance(s, dict)))
+    if len(lines) != counts.get("skipped"):
+        p.append(f"{sk_p}: {len(lines)} rows, manifest counts.skipped = {counts.get('skipped')}")
+    if reasons != (manifest.get("skipped") or {}):
+        p.append(f"{sk_p}: reasons {reasons} differ from the manifest's {manifest.get('skipped')}")
+    for s in lines:
+        if not isinstance(s, dict) or not {"key", "path", "reason", "detail"} <= set(s):
+            p.append(f"{sk_p}: row {s} lacks key/path/reason/detail")
+            break
+
+
+def write_contact_sheet(rep: InspectReport, path: Path) -> Path | None:
+    """Draw `rep`'s sampled samples at `path` (None when there are none); OSError when it cannot be written."""
+    if not rep.sheet_samples:
+        return None
+    rep.sheet = contact_sheet(rep.sheet_samples, path)
+    return rep.sheet
 
 
 def _abbrev(name: str) -> str:

@@ -1,5 +1,5 @@
-"""manifest.json (the one reader, `read_manifest`), the output-folder guard (refuse another dataset's
-folder), resume records."""
+"""manifest.json (the one reader, `read_manifest`), atomic JSON writes, and the per-tar resume
+records under `.progress/` (the output-folder guard is `cxrfast.shards.outdir`)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,15 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxrfast.shards.schema import MANIFEST, MANIFEST_FIELDS, SAMPLE_TABLE, SKIPPED, TOKENIZER
+from cxrfast.shards.schema import MANIFEST, MANIFEST_FIELDS
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
-PARAMS_FILE = "params.json"
-_OUR_FILE = re.compile(r"^(train|validate|test)-\d{6}\.(tar|idx)(\.tmp)?$")
 
 
 def read_manifest(root: Path, *, required: Iterable[str] = MANIFEST_FIELDS) -> dict[str, Any]:
@@ -63,57 +59,20 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def params_digest(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-
-
-def _clean(out: Path) -> None:
-    for p in out.iterdir():
-        if p.name == PROGRESS_DIR:
-            shutil.rmtree(p)
-        elif p.name in (MANIFEST, TOKENIZER, SKIPPED, SAMPLE_TABLE) or _OUR_FILE.match(p.name) or p.name.endswith(".json.tmp"):
-            p.unlink()
-
-
-def prepare_output(out: Path, dataset: str, params: dict, *, overwrite: bool) -> None:
-    """Make `out` ready: refuse a folder holding another dataset's (or other parameters') shards
-    unless `overwrite` (which deletes our files there); keep a same-parameter run's progress."""
-    out.mkdir(parents=True, exist_ok=True)
-    reasons = []
-    man = out / MANIFEST
-    if man.exists():
-        try:
-            m = read_manifest(out, required=())
-            if m.get("dataset") != dataset:
-                reasons.append(f"{man} is a manifest of dataset {m.get('dataset')!r}, not {dataset!r}")
-            elif m.get("created_with") != params:
-                diff = sorted(k for k in set(params) | set(m.get("created_with") or {}) if params.get(k) != (m.get("created_with") or {}).get(k))
-                reasons.append(f"{man} was created with different parameters ({', '.join(diff)})")
-        except (ValueError, OSError) as e:
-            reasons.append(f"{man} is unreadable ({e})")
-    prog = out / PROGRESS_DIR / PARAMS_FILE
-    if prog.exists() and not man.exists():
-        try:
-            p = json.loads(prog.read_text())
-            if p != {"dataset": dataset, "params": params}:
-                reasons.append(f"{out} holds an unfinished run of {p.get('dataset')!r} with other parameters")
-        except (json.JSONDecodeError, OSError) as e:
-            reasons.append(f"{prog} is unreadable ({e})")
-    if reasons:
-        if not overwrite:
-            raise ValueError("refusing to write into " + str(out) + ": " + "; ".join(reasons) + " (use --overwrite)")
-        log.warning("--overwrite: deleting the shards in %s (%s)", out, "; ".join(reasons))
-        _clean(out)
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    write_json_atomic(prog, {"dataset": dataset, "params": params})
-
-
 def record_path(out: Path, tar: str) -> Path:
     return out / PROGRESS_DIR / (tar + ".json")
 
 
+def file_id(path: Path) -> list[int]:
+    """[size, inode, mtime_ns] of a file: equal ids mean the file was not replaced or rewritten
+    (by anything that does not deliberately restore the mtime) since the id was taken."""
+    st = os.stat(path)
+    return [st.st_size, st.st_ino, st.st_mtime_ns]
+
+
 def load_finished(out: Path, tar: str, plan_sha: str) -> dict | None:
-    """The done-record of a tar if it is still valid: same planned rows, files present, sha256 matches."""
+    """The done-record of a tar if it is still valid: same planned rows, files present, size and
+    sha256 match (the tar is re-hashed). The returned record's `file_id` is refreshed."""
     rp = record_path(out, tar)
     if not rp.exists():
         return None
@@ -121,21 +80,35 @@ def load_finished(out: Path, tar: str, plan_sha: str) -> dict | None:
         rec = json.loads(rp.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    if rec.get("plan_sha") != plan_sha:
+    if not isinstance(rec, dict) or rec.get("plan_sha") != plan_sha:
         return None
     if rec.get("samples", 0) == 0:
         return rec
     tar_p, idx_p = out / rec["tar"], out / rec["idx"]
     if not (tar_p.is_file() and idx_p.is_file()) or tar_p.stat().st_size != rec["bytes"]:
         return None
+    before = file_id(tar_p)
     if file_sha256(tar_p) != rec["sha256"]:
         log.warning("%s does not match its recorded sha256; rewriting it", tar_p)
         return None
+    rec["file_id"] = before
     return rec
 
 
-def remove_stale(out: Path, keep: set[str]) -> None:
-    """Delete tars/idx files (and temporaries) of ours that the manifest does not list."""
-    for p in out.iterdir():
-        if _OUR_FILE.match(p.name) and p.name not in keep:
-            p.unlink()
+def check_unchanged(out: Path, rec: dict) -> None:
+    """Before a manifest vouches for the tar of done-record `rec`: the file must still be the one
+    that was hashed (same `file_id`), or hash to the recorded sha256; ValueError otherwise."""
+    if not rec.get("samples"):
+        return
+    tar_p = out / rec["tar"]
+    try:
+        if file_id(tar_p) == rec.get("file_id"):
+            return
+        actual = file_sha256(tar_p)
+    except FileNotFoundError:
+        raise ValueError(f"{tar_p} disappeared after it was written (is another process writing into {out}?)") from None
+    if actual != rec["sha256"]:
+        raise ValueError(
+            f"{tar_p} changed after it was written and verified (sha256 {actual[:12]}..., expected "
+            f"{rec['sha256'][:12]}...): is another process writing into {out}? Re-run to rewrite it"
+        )

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
 
 from cxrfast.shards.schema import LABEL_NAMES, NOT_MENTIONED
+
+log = logging.getLogger(__name__)
+
+#: A folder with more subfolders than this is an image tree (MIMIC's files/p10/, CheXpert's train/):
+#: `find_dataset_root` does not descend into it.
+_WIDE = 200
 
 #: Columns of the per-row table every metadata reader returns (one row per image), in order.
 ROW_COLUMNS: tuple[str, ...] = (
@@ -35,25 +43,103 @@ def read_csv(path: Path, columns: Sequence[str]) -> pl.DataFrame:
     return pl.read_csv(path, columns=list(columns), infer_schema_length=0)
 
 
+def _label_cell(name: str) -> pl.Expr:
+    """A label cell with surrounding spaces stripped; blank (empty or only spaces) is null."""
+    cell = pl.col(name).str.strip_chars()
+    return pl.when(cell == "").then(None).otherwise(cell)
+
+
 def label_codes_expr(path: Path) -> pl.Expr:
     """The 14 label columns (picked by NAME, in CheXpert's order) -> one list[i8] column `labels`:
-    1.0/0.0/-1.0 -> 1/0/-1, blank -> -2. Any other value raises when collected."""
+    1.0/0.0/-1.0 -> 1/0/-1, blank -> -2. Run `check_label_values` first (any other value raises
+    when collected)."""
     exprs = []
     for name in LABEL_NAMES:
-        v = pl.col(name).str.strip_chars().cast(pl.Float64, strict=True)
+        v = _label_cell(name).cast(pl.Float64, strict=True)
         exprs.append(pl.when(v.is_null()).then(pl.lit(NOT_MENTIONED)).otherwise(v).cast(pl.Int8))
     return pl.concat_list(exprs).alias("labels")
 
 
+def _where(row: int) -> str:
+    """A 0-based data row as people count it: `row 3 (line 4)` (line 1 is the header)."""
+    return f"row {row + 1} (line {row + 2})"
+
+
 def check_label_values(df: pl.DataFrame, path: Path) -> None:
-    """ValueError naming the file and column when a label cell is not 1/0/-1/blank."""
+    """ValueError naming the file, column and row when a label cell is not 1/0/-1 or blank
+    (empty or spaces only)."""
+    df = df.with_row_index("_row")
     for name in LABEL_NAMES:
-        col = df[name].str.strip_chars()
-        bad = df.filter(col.is_not_null() & (col != "") & ~col.cast(pl.Float64, strict=False).is_in([1.0, 0.0, -1.0]))
+        cell = _label_cell(name)
+        ok = cell.cast(pl.Float64, strict=False).is_in([1.0, 0.0, -1.0]).fill_null(False)
+        bad = df.filter(cell.is_not_null() & ~ok)
         if bad.height:
             raise ValueError(
-                f"{path}: column {name!r} holds {bad[name][0]!r} (row {bad.row(0)}); expected 1.0, 0.0, -1.0 or blank"
+                f"{path}: column {name!r} holds {bad[name][0]!r} in {_where(bad['_row'][0])}; "
+                f"expected 1.0, 0.0, -1.0 or blank ({bad.height} such cells in that column)"
             )
+
+
+def check_rows(df: pl.DataFrame, path: Path) -> None:
+    """ValueError when a table has no data rows."""
+    if df.height == 0:
+        raise ValueError(f"{path}: no data rows (only a header)")
+
+
+def check_unique(df: pl.DataFrame, columns: Sequence[str], path: Path) -> None:
+    """ValueError naming the file, the value and both rows when `columns` repeat a row's values."""
+    dup = df.select(columns).with_row_index("_row").filter(pl.struct(list(columns)).is_duplicated())
+    if dup.height:
+        first = dup.row(0, named=True)
+        same = dup.filter(pl.all_horizontal([pl.col(c) == first[c] for c in columns]))
+        what = ", ".join(f"{c}={first[c]}" for c in columns)
+        rows = " and ".join(_where(r) for r in same["_row"][:2])
+        raise ValueError(f"{path}: {what} appears more than once ({rows}); expected one row per {', '.join(columns)}")
+
+
+def check_views_left(df: pl.DataFrame, keep: tuple[str, ...] | None, all_views: pl.Series, path: Path | str) -> None:
+    """ValueError when the `--views` filter left no rows, naming the views the table has."""
+    if df.height or keep is None:
+        return
+    counts = all_views.fill_null("").value_counts(sort=True)
+    have = ", ".join(f"{v or '(blank)'} {n}" for v, n in counts.iter_rows())
+    raise ValueError(f"--views {','.join(keep)} matches no row of {path} (views there: {have})")
+
+
+def find_dataset_root(root: Path, marker: str, what: str, *, max_depth: int = 4, max_dirs: int = 2000) -> Path:
+    """`root` when it holds `marker` (a `.gz` marker also matches its uncompressed twin); otherwise
+    the one folder below it (breadth first, at most `max_depth` levels, hidden folders and image
+    trees -- folders of more than `_WIDE` subfolders -- not descended into) that does, with a
+    warning. ValueError naming the folders when several at the same depth do; `root` unchanged when
+    none does (the readers then name the missing file)."""
+    names = {marker, marker.removesuffix(".gz")}
+
+    def holds(d: Path) -> bool:
+        return any((d / n).is_file() for n in names)
+
+    if holds(root) or not root.is_dir():
+        return root
+    level, seen = [root], 0
+    for _ in range(max_depth):
+        found, below = [], []
+        for d in level:
+            try:
+                subs = sorted(e.path for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+            except OSError:
+                continue
+            seen += len(subs)
+            found += [Path(s) for s in subs if holds(Path(s))]
+            if len(subs) <= _WIDE:
+                below += map(Path, subs)
+        if len(found) > 1:
+            raise ValueError(f"--root {root} holds several {what} folders ({', '.join(map(str, found))}): pass one of them")
+        if found:
+            log.warning("--root %s holds no %s; using %s, which does", root, marker, found[0])
+            return found[0]
+        if seen > max_dirs:
+            break
+        level = below
+    return root
 
 
 def parse_views(views: str | Sequence[str]) -> tuple[str, ...] | None:

@@ -11,6 +11,9 @@ from cxrfast.shards.metadata_common import (
     ROW_COLUMNS,
     check_keys,
     check_label_values,
+    check_rows,
+    check_unique,
+    check_views_left,
     label_codes_expr,
     parse_views,
     read_csv,
@@ -32,6 +35,13 @@ def _find(root: Path, name: str) -> Path:
     return p
 
 
+def input_tables(root: Path, labels: str = "chexpert") -> dict[str, Path]:
+    """The tables `read_mimic` reads: metadata, split and the `labels` label CSV."""
+    if labels not in LABEL_CSVS:
+        raise ValueError(f"--labels must be one of {sorted(LABEL_CSVS)}, got {labels!r}")
+    return {"metadata_csv": _find(root, METADATA_CSV), "split_csv": _find(root, SPLIT_CSV), "labels_csv": _find(root, LABEL_CSVS[labels])}
+
+
 def read_mimic(root: Path, *, views: str | Sequence[str] = ("PA", "AP"), labels: str = "chexpert") -> tuple[pl.DataFrame, dict]:
     """One row per image (ROW_COLUMNS) and counts {"images_total", "not_in_split", "without_labels"}.
 
@@ -39,23 +49,30 @@ def read_mimic(root: Path, *, views: str | Sequence[str] = ("PA", "AP"), labels:
     and records them); studies missing from the label CSV get all labels -2 (not mentioned).
     """
     root = Path(root)
-    if labels not in LABEL_CSVS:
-        raise ValueError(f"--labels must be one of {sorted(LABEL_CSVS)}, got {labels!r}")
-    meta_p, split_p, lab_p = _find(root, METADATA_CSV), _find(root, SPLIT_CSV), _find(root, LABEL_CSVS[labels])
-    meta = read_csv(meta_p, METADATA_COLUMNS).lazy()
-    split = read_csv(split_p, SPLIT_COLUMNS).lazy()
+    meta_p, split_p, lab_p = input_tables(root, labels).values()
+    meta_df = read_csv(meta_p, METADATA_COLUMNS)
+    split_df = read_csv(split_p, SPLIT_COLUMNS)
     lab_df = read_csv(lab_p, ("subject_id", "study_id", *LABEL_NAMES))
+    # Each table is checked on its own, so that an error names the file that holds the problem.
+    for df, path, unique in ((meta_df, meta_p, ["dicom_id"]), (split_df, split_p, ["dicom_id"]), (lab_df, lab_p, ["subject_id", "study_id"])):
+        check_rows(df, path)
+        check_unique(df, unique, path)
     check_label_values(lab_df, lab_p)
     lab = lab_df.lazy().select("subject_id", "study_id", label_codes_expr(lab_p), pl.lit(True).alias("_has_labels"))
+    split = split_df.lazy()
 
     keep = parse_views(views)
-    meta = meta.with_columns(pl.col("ViewPosition").fill_null("").str.strip_chars().str.to_uppercase().alias("view"))
-    total = meta.select(pl.len()).collect().item()
-    if keep is not None:
-        meta = meta.filter(pl.col("view").is_in(list(keep)))
-    unknown_split = split.filter(~pl.col("split").is_in(["train", "validate", "test"])).collect()
+    meta_df = meta_df.with_columns(pl.col("ViewPosition").fill_null("").str.strip_chars().str.to_uppercase().alias("view"))
+    total = meta_df.height
+    kept = meta_df if keep is None else meta_df.filter(pl.col("view").is_in(list(keep)))
+    check_views_left(kept, keep, meta_df["view"], meta_p)
+    meta = kept.lazy()
+    unknown_split = split_df.with_row_index("_row").filter(~pl.col("split").is_in(["train", "validate", "test"]))
     if unknown_split.height:
-        raise ValueError(f"{split_p}: row {unknown_split.row(0)} has split {unknown_split['split'][0]!r}; expected train/validate/test")
+        raise ValueError(
+            f"{split_p}: row {unknown_split['_row'][0] + 1} (dicom_id {unknown_split['dicom_id'][0]}) has split "
+            f"{unknown_split['split'][0]!r}; expected train/validate/test"
+        )
 
     sid = pl.col("subject_id")
     df = (

@@ -1,75 +1,67 @@
-"""The sharding worker pool: a `ProcessPoolExecutor` whose processes are forked from a clean
-multiprocessing forkserver that preloaded `cxrfast.shards._preload` (worker module, OpenCV set
-to one thread, numba loops loaded), and that never replay the caller's `__main__`.
+"""The sharding worker pool: a stock `concurrent.futures.ProcessPoolExecutor` on multiprocessing's
+*forkserver* context, with an initializer; no private attribute of either is touched.
 
-Why not the stock forkserver/spawn context: a new process started by either runs
-`multiprocessing.spawn.prepare()`, which re-executes the parent's main script (or re-imports its
-main module) as `__mp_main__` before it runs any task. Our tasks are functions of
-`cxrfast.shards.worker` and need nothing from the caller's main, but the replay made every
-worker import whatever the caller's script imports at top level (torch: +1.5 s and +300 MB per
-worker), and a caller without an `if __name__ == "__main__":` guard (a plain script, a
-notebook exported to a script) ran its whole sharding call again inside each worker: nested
-pools, a second metadata/tokenizer pass over the same output folder, a broken pool. (The
-forkserver's own `"__main__"` preload entry does not help: CPython 3.11 filters the main path
-out of the data it passes to the server, so it is a no-op, and where it works it would run the
-caller's script in the server.) `_Popen` below sends the workers the usual preparation data
-minus the two main-module entries, so sharding behaves the same from any caller.
-
-A worker that dies (segfault, SIGKILL from the OOM killer, `os._exit`) breaks the pool; that is
-raised as `WorkerError` naming the task, the worker's pid and exit code -- never a hang.
+- **Warm, clean workers.** The forkserver (a fresh single-threaded interpreter, started once per
+  process) preloads `cxrfast.shards._preload` -- the worker module, OpenCV set to one thread, the
+  numba loops loaded -- and forks each worker from that state in milliseconds.
+- **The `__main__` contract** (Python's own rule for the spawn and forkserver start methods, see
+  "Safe importing of main module" in the `multiprocessing` docs): each new worker re-imports the
+  caller's main module before it runs a task; a script runs again as `__mp_main__`. So a script
+  that shards must call cxrfast under `if __name__ == "__main__":` (and keep heavy imports such as
+  torch inside that block or a function, or every worker pays for them). The `cxrfast` command,
+  `python -m ...` and `python -c` need nothing. A script without the guard gets a WorkerError
+  saying so (its re-run inside the worker fails before touching the output: the output folder is
+  locked by the real run), never a nested sharding run.
+- **Workers stop with their owner.** Each worker gets, as the initializer's argument, the read end
+  of a pipe whose write end only the owning process holds, and a daemon thread that ends the
+  worker (`os._exit(OWNER_GONE)`) when that pipe reaches end-of-file. That happens when the owner
+  closes the pool with `abort=True` (an error, Ctrl-C: a tar in progress is not waited for) and
+  when the owner dies in any way, SIGKILL included: no worker outlives a killed `cxrfast shard`,
+  and every worker of an aborted pool exits, including one started while the pool was closing
+  (one left alive would block forever on the call queue's lock held by a dead sibling and hang
+  the interpreter's exit).
+- **Dead workers are errors, not hangs.** A worker that dies (segfault, OOM kill, `os._exit`)
+  breaks the pool; that is raised as WorkerError naming the task and the dead workers' pids and
+  exit codes (read from `multiprocessing.active_children()` snapshots of the pool's processes).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
-import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import context, popen_forkserver, spawn
+from multiprocessing.connection import Connection
 from typing import Any
 
 PRELOAD = ["cxrfast.shards._preload"]
+#: Exit status of a worker whose owner closed the pool with abort=True or died.
+OWNER_GONE = 70
+_GUARD_HINT = (
+    " If sharding was started from a Python script: each worker re-imports the caller's main "
+    "script, so the script must call cxrfast under `if __name__ == \"__main__\":` (see cxrfast.shards.pool)."
+)
 
 
 class WorkerError(RuntimeError):
     """A task failed in a worker, or a worker process died."""
 
 
-class _SpawnWithoutMain:
-    """`multiprocessing.spawn` as `_Popen._launch` sees it: the preparation data sent to a new
-    worker (sys.path, cwd, authkey, ...) without `init_main_from_path` / `init_main_from_name`."""
+def _watch_owner(owner: Connection) -> None:
+    """Worker initializer: exit this worker when the owner's end of `owner` closes."""
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(spawn, name)
+    def watch() -> None:
+        try:
+            owner.recv_bytes()  # nothing is ever sent: this returns only by EOFError at end-of-file
+        except (EOFError, OSError):
+            pass
+        os._exit(OWNER_GONE)
 
-    @staticmethod
-    def get_preparation_data(name: str) -> dict[str, Any]:
-        data = spawn.get_preparation_data(name)
-        data.pop("init_main_from_path", None)
-        data.pop("init_main_from_name", None)
-        return data
-
-
-class _Popen(popen_forkserver.Popen):
-    # The stdlib's own `_launch` (whatever this Python's version of it is), looking up `spawn`
-    # in a copy of its module's globals where it is `_SpawnWithoutMain`; nothing else changes.
-    _launch = types.FunctionType(
-        popen_forkserver.Popen._launch.__code__,
-        {**vars(popen_forkserver), "spawn": _SpawnWithoutMain()},
-        "_launch",
-    )
-
-
-class _Process(context.ForkServerProcess):
-    @staticmethod
-    def _Popen(process_obj):  # noqa: N802 (multiprocessing's name)
-        return _Popen(process_obj)
-
-
-class _Context(context.ForkServerContext):
-    Process = _Process
+    threading.Thread(target=watch, name="cxrfast-owner-watch", daemon=True).start()
 
 
 def _describe_exit(code: int | None) -> str:
@@ -89,7 +81,7 @@ class WorkerPool:
     """`workers` processes started right away from a background thread (their start-up -- the
     forkserver's preload -- overlaps whatever the caller does next); `map_unordered` runs tasks
     with a bounded number in flight. Use as a context manager: on an error the remaining tasks
-    are cancelled and the workers terminated instead of waited for."""
+    are cancelled and the workers stopped instead of waited for."""
 
     def __init__(self, workers: int, *, preload: Iterable[str] = PRELOAD) -> None:
         if workers < 1:
@@ -97,37 +89,45 @@ class WorkerPool:
         from cxrfast.shards.worker import ready
 
         self.workers = workers
-        ctx = _Context()
+        ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))  # takes effect when this process's forkserver starts
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        self._owner_r, self._owner_w = ctx.Pipe(duplex=False)
+        self._before = {p.pid for p in mp.active_children()}
+        self._procs: dict[int, mp.process.BaseProcess] = {}
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_owner, initargs=(self._owner_r,))
         self._start_error: BaseException | None = None
 
         def start() -> None:
             try:
-                # One no-op task per worker: each submit with no idle worker starts a process.
+                # One no-op task per worker: a submit with no idle worker starts a process.
                 for f in [self._pool.submit(ready) for _ in range(workers)]:
                     f.result()
             except BaseException as e:  # re-raised by wait_ready() in the caller's thread
                 self._start_error = e
+            self._track()
 
         self._starter = threading.Thread(target=start, name="cxrfast-start-workers", daemon=True)
         self._starter.start()
+
+    def _track(self) -> None:
+        """Remember the pool's live processes (for their exit codes once they died)."""
+        for p in mp.active_children():
+            if p.pid not in self._before:
+                self._procs.setdefault(p.pid, p)  # type: ignore[arg-type]
 
     def wait_ready(self) -> None:
         """Block until every worker has started; raise WorkerError if they could not."""
         self._starter.join()
         if self._start_error is not None:
-            raise WorkerError(f"the sharding worker processes could not start: {self._why(self._start_error)}") from (
+            hint = _GUARD_HINT if getattr(sys.modules.get("__main__"), "__file__", None) else ""
+            raise WorkerError(f"the sharding worker processes could not start: {self._why(self._start_error).rstrip('.')}.{hint}") from (
                 self._start_error
             )
 
     def _why(self, e: BaseException) -> str:
         if not isinstance(e, BrokenProcessPool):
             return f"{type(e).__name__}: {e}"
-        # ProcessPoolExecutor keeps its processes in `_processes` (pid -> Process); the exit codes
-        # are the only clue to why one died, so read them where this Python has them.
-        procs = getattr(self._pool, "_processes", None) or {}
-        dead = [f"pid {pid} {_describe_exit(p.exitcode)}" for pid, p in procs.items() if p.exitcode not in (None, 0)]
+        dead = [f"pid {pid} {_describe_exit(p.exitcode)}" for pid, p in self._procs.items() if p.exitcode not in (None, 0)]
         return "a worker process died" + (f" ({', '.join(dead)})" if dead else "") + f": {e}"
 
     def map_unordered(
@@ -145,6 +145,7 @@ class WorkerPool:
             if job is not None:
                 name, arg = job
                 pending[self._pool.submit(fn, arg)] = name
+                self._track()
 
         for _ in range(max(1, in_flight)):
             submit_next()
@@ -162,30 +163,21 @@ class WorkerPool:
                 yield name, result
 
     def close(self, *, abort: bool = False) -> None:
-        """Shut the pool down; with abort=True cancel queued tasks and terminate the workers
+        """Shut the pool down; with abort=True cancel queued tasks and stop the workers at once
         (a task still running is not waited for)."""
-        if not abort:
+        if abort:
+            self._track()
+            self._owner_w.close()  # every worker's watcher sees end-of-file and exits
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._starter.join(timeout=30)
+            self._track()
+            for p in self._procs.values():
+                p.join(timeout=10)
+        else:
             self._starter.join()
             self._pool.shutdown(wait=True)
-            return
-        # The executor's live pid -> Process dict (shutdown() drops the executor's reference to
-        # it, the management thread keeps using it). Shut down first so that no submit -- e.g. the
-        # starter thread's, when the caller failed before wait_ready() -- can start a process
-        # after we looked; then terminate every worker. A worker killed while it waited on the
-        # call queue holds the queue's lock for good, so any worker left alive would block on it
-        # forever and hang the interpreter's exit: none may be missed.
-        procs_by_pid = getattr(self._pool, "_processes", None) or {}
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._starter.join(timeout=10)
-        procs = list(procs_by_pid.values())
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            self._owner_w.close()
+        self._owner_r.close()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -194,12 +186,10 @@ class WorkerPool:
         self.close(abort=exc_type is not None)
 
 
-
 def _probe(names: tuple[str, ...]) -> dict[str, Any]:
     """Diagnostics for tests, run in a worker: which of `names` it has imported, and the file
-    its `__main__` came from (None: the caller's main was not replayed)."""
-    import sys
-
+    its `__main__` came from (None when the caller's main was not re-imported)."""
     return {"imported": [n for n in names if n in sys.modules], "main": getattr(sys.modules["__main__"], "__file__", None)}
 
-__all__ = ["WorkerPool", "WorkerError", "PRELOAD"]
+
+__all__ = ["WorkerPool", "WorkerError", "PRELOAD", "OWNER_GONE"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,10 @@ class ReportStore:
 
     def _index(self) -> dict[tuple[str, str], str]:
         if self._names is None:
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ValueError(f"--reports {self.path}: cannot open the zip ({e})") from None
             names: dict[tuple[str, str], str] = {}
             for name in self._zip.namelist():
                 m = _REPORT_NAME.search(name)
@@ -150,7 +154,11 @@ class ReportStore:
             if name is None:
                 return None
             assert self._zip is not None
-            return self._zip.read(name).decode("utf-8", errors="replace")
+            try:
+                data = self._zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+                raise ValueError(f"{self.path}: member {name} is corrupt ({type(e).__name__}: {e}); re-download the zip") from None
+            return data.decode("utf-8", errors="replace")
         p = self.path / report_relpath(subject_id, study_id)
         try:
             return p.read_text(encoding="utf-8", errors="replace")

@@ -53,7 +53,7 @@ class IndexedTarWriter:
         self.tar_path, self.idx_path = Path(tar_path), Path(idx_path)
         self._tar_tmp = self.tar_path.with_name(self.tar_path.name + ".tmp")
         self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        self._raw = open(self._tar_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._raw = open(self._tar_tmp, "w+b")  # noqa: SIM115 (closed in close/abort); read back by close()
         self._file = _HashingFile(self._raw)
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
         self._lines: list[str] = []
@@ -61,6 +61,7 @@ class IndexedTarWriter:
         self.samples = 0
         self.sha256: str | None = None
         self.nbytes = 0
+        self.file_id: list[int] | None = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Append one sample; members are written in sorted extension order."""
@@ -85,22 +86,54 @@ class IndexedTarWriter:
         self.samples += 1
 
     def close(self) -> tuple[str, int]:
-        """Finish the tar, fsync, rename both files into place; returns (sha256, bytes)."""
+        """Finish the tar, fsync, check that the file holds exactly the bytes written (re-read and
+        re-hashed: another writer of the same path is caught here), rename both files into place;
+        returns (sha256, bytes). `file_id` is then the tar's [size, inode, mtime_ns]."""
         if not self._lines:
             self.abort()
             raise ValueError(f"{self.tar_path.name}: refusing to write an empty tar (DALI cannot index it)")
         self._tar.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
-        self._raw.close()
+        self.sha256, self.nbytes = self._file.sha.hexdigest(), self._file.nbytes
+        try:
+            self._verify_written()
+        except BaseException:
+            self.abort()
+            raise
         with open(self._idx_tmp, "w") as f:
             f.write(f"{IDX_VERSION} {len(self._lines)}\n")
             for line in self._lines:
                 f.write(line + "\n")
+        ino = os.fstat(self._raw.fileno()).st_ino
+        self._raw.close()
+        try:
+            ours = os.stat(self._tar_tmp).st_ino == ino
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            self._idx_tmp.unlink(missing_ok=True)
+            raise ValueError(f"{self._tar_tmp} was removed or replaced while it was written (another writer?)")
         os.replace(self._idx_tmp, self.idx_path)
         os.replace(self._tar_tmp, self.tar_path)
-        self.sha256, self.nbytes = self._file.sha.hexdigest(), self._file.nbytes
+        st = os.stat(self.tar_path)
+        if st.st_ino != ino or st.st_size != self.nbytes:
+            raise ValueError(f"{self.tar_path} was replaced while it was being renamed into place (another writer?)")
+        self.file_id = [st.st_size, st.st_ino, st.st_mtime_ns]
         return self.sha256, self.nbytes
+
+    def _verify_written(self) -> None:
+        f = self._raw
+        f.seek(0)
+        h, n = hashlib.sha256(), 0
+        while b := f.read(1 << 22):
+            h.update(b)
+            n += len(b)
+        if n != self.nbytes or h.hexdigest() != self.sha256:
+            raise ValueError(
+                f"{self._tar_tmp}: the file holds {n} bytes that differ from the {self.nbytes} bytes written "
+                "(another process wrote the same file?)"
+            )
 
     def abort(self) -> None:
         """Drop the temporaries (e.g. after an error or when every sample was skipped)."""

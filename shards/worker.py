@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cxrfast.shards.images import ImageError, encode_jpeg, load_resize
+from cxrfast.shards.inputs import source_file
 from cxrfast.shards.manifest import record_path, write_json_atomic
 from cxrfast.shards.pixel_stats import PixelHistogram
 from cxrfast.shards.reports import ReportStore, parse_report
@@ -89,16 +90,6 @@ def _reports(path: Path) -> ReportStore:
     return _REPORTS[path]
 
 
-def _image_path(root: Path, rel: str, image_ext: str) -> tuple[Path, str]:
-    """The source file: `rel` with the preferred extension, else the other one (.jpg/.png)."""
-    stem, _, _ = rel.rpartition(".")
-    exts = ("png", "jpg") if image_ext == "png" else ("jpg", "png")
-    for ext in exts:
-        if (root / f"{stem}.{ext}").is_file():
-            return root / f"{stem}.{ext}", f"{stem}.{ext}"
-    return root / f"{stem}.{exts[0]}", f"{stem}.{exts[0]}"
-
-
 def write_tar(task: TarTask) -> dict:
     """Write `task.tar` and its index; return (and save under .progress/) the tar's done-record."""
     warmup()
@@ -112,7 +103,7 @@ def write_tar(task: TarTask) -> dict:
     tok = _tokenizer(task.tokenizer) if task.tokenizer is not None else None
     try:
         for row in task.rows:
-            path, rel = _image_path(task.root, row["source_path"], task.image_ext)
+            path, rel, _ = source_file(task.root, row["source_path"], task.image_ext)
             try:
                 dec = load_resize(path, task.max_size)
             except ImageError as e:
@@ -170,6 +161,7 @@ def write_tar(task: TarTask) -> dict:
         "samples": writer.samples,
         "bytes": nbytes,
         "sha256": sha,
+        "file_id": writer.file_id,  # [size, inode, mtime_ns] of the tar as verified after writing
         "skipped": skipped,
         "without_report": without_report,
         "tokens": tokens,

@@ -113,3 +113,20 @@ def write_mrm_style_tokenizer(path: Path, texts: list[str], vocab_size: int = 40
     assert tok.post_processor is None and tok.token_to_id("[SEP]") is None
     tok.save(str(path))
     return path
+
+
+def tiny_mimic_raw(tmp_path: Path, **kw) -> Path:
+    """`make_tiny_mimic` into `tmp_path/raw`; returns that folder."""
+    raw = tmp_path / "raw"
+    make_tiny_mimic(raw, **kw)
+    return raw
+
+
+def shard_tiny_mimic(raw: Path, out: Path, reports: Path | None = None, **kw):
+    """`shard_mimic` of a tiny tree with small defaults (3 samples per tar, 1 worker, 200-token vocabulary)."""
+    from cxrfast.shards.build import shard_mimic
+
+    kw.setdefault("samples_per_tar", 3)
+    kw.setdefault("workers", 1)
+    kw.setdefault("vocab_size", 200)
+    return shard_mimic(raw, reports or raw / "mimic-cxr-reports.zip", out, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -106,3 +107,46 @@ def test_inspect_catches_missing_files(chexpert_shards: Path, tmp_path: Path) ->
     assert "skipped.jsonl: 1 rows" in problems
     with pytest.raises(ValueError, match="not a shard folder"):
         inspect_shards(tmp_path)
+    from cxrfast.shards.lock import FolderLock
+
+    with FolderLock(tmp_path), pytest.raises(ValueError, match=f"being written by a cxrfast shard run \\(pid {os.getpid()} on"):
+        inspect_shards(tmp_path)
+
+
+def test_inspect_lists_a_damaged_manifest_tokenizer_and_sample_table(mimic_shards: Path, tmp_path: Path) -> None:
+    import polars as pl
+
+    bad = tmp_path / "bad"
+    shutil.copytree(mimic_shards, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    entry = m["splits"]["train"][0]
+    del entry["sha256"]  # an entry without its sha256
+    (bad / "tokenizer.json").unlink()
+    table = pl.read_parquet(bad / "samples.parquet")
+    table.reverse().write_parquet(bad / "samples.parquet")  # same rows, not in tar order
+    m["sample_table"]["sha256"] = file_sha256(bad / "samples.parquet")
+    (bad / "manifest.json").write_text(json.dumps(m))
+    text = "\n".join(inspect_shards(bad, samples=0).problems)
+    assert "splits['train'][0] lacks ['sha256']" in text
+    assert "tokenizer.json: tokenizer file named in" in text and "is missing" in text
+    assert f"rows of {entry['tar']} do not match the tar's samples" in text
+    table.head(3).write_parquet(bad / "samples.parquet")  # rows missing, sha256 stale
+    text = "\n".join(inspect_shards(bad, samples=0).problems)
+    assert "samples.parquet: sha256 differs" in text or "sample table:" in text
+
+
+def test_inspect_prints_the_verdict_before_a_contact_sheet_it_cannot_write(
+    chexpert_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cxrfast.shards.inspect as inspect_mod
+
+    def read_only(*_a, **_k):  # what a read-only shard folder does to the default sheet path
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inspect_mod, "contact_sheet", read_only)
+    r = CliRunner().invoke(app, ["inspect", str(chexpert_shards), "--samples", "2"])
+    assert r.exit_code == 0, r.output
+    assert f"OK: {chexpert_shards} is consistent" in r.stdout
+    assert "warning: cannot write the contact sheet" in r.stderr and "--sheet" in r.stderr
+    r = CliRunner().invoke(app, ["inspect", str(chexpert_shards), "--samples", "2", "--sheet", "/x/s.png"])
+    assert r.exit_code == 2 and "OK:" in r.stdout and "error: cannot write the contact sheet /x/s.png" in r.stderr

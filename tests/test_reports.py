@@ -91,3 +91,14 @@ def test_report_store_zip_and_folder(tmp_path) -> None:
         ReportStore(tmp_path / "jpgs")
     with pytest.raises(ValueError, match="does not exist"):
         ReportStore(tmp_path / "nope.zip")
+
+
+def test_a_corrupt_zip_member_is_named(tmp_path) -> None:
+    path = tmp_path / "mimic-cxr-reports.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("files/p10/p10000032/s50414267.txt", "FINDINGS: clear.\n")
+    data = bytearray(path.read_bytes())
+    data[30 + len("files/p10/p10000032/s50414267.txt") + 3] ^= 0xFF  # a byte of the stored text: CRC mismatch
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"member files/p10/p10000032/s50414267.txt is corrupt \(BadZipFile"):
+        ReportStore(path).read("10000032", "50414267")

@@ -207,7 +207,7 @@ def test_bad_rows_are_skipped_counted_and_listed(tmp_path: Path) -> None:
     frontal[0].unlink()  # missing image
     frontal[1].write_bytes(b"\xff\xd8 garbage")  # undecodable
     frontal[2].write_bytes(frontal[2].read_bytes()[:2000])  # truncated
-    s = _shard(raw, tmp_path / "out")
+    s = _shard(raw, tmp_path / "out", max_skipped_fraction=1.0)
     m = _assert_in_eq_out_plus_skipped(tmp_path / "out")
     assert m["skipped"] == {"missing_image": 1, "undecodable_image": 2} == s.skipped
     rows = [json.loads(x) for x in (tmp_path / "out" / SKIPPED).read_text().splitlines()]
@@ -250,7 +250,7 @@ def test_output_folder_of_another_dataset_or_parameters_is_refused(tmp_path: Pat
     root = make_tiny_chexpert(tmp_path / "chex", patients=3)
     with pytest.raises(ValueError, match="manifest of dataset 'mimic'.*--overwrite"):
         shard_chexpert(root, out, workers=1)
-    with pytest.raises(ValueError, match=r"different parameters \(max_size\)"):
+    with pytest.raises(ValueError, match=r"other parameters or inputs: max_size 512 -> 256 \(use --overwrite"):
         _shard(raw, out, max_size=256)
     s = shard_chexpert(root, out, workers=1, overwrite=True)
     assert _manifest(out)["dataset"] == "chexpert" and s.samples > 0
@@ -367,48 +367,62 @@ def test_synthetic_16bit_png_mimic(tmp_path: Path) -> None:
 
 
 # --- sharding from any caller; dead workers --------------------------------------------------
-# The script a user writes: torch imported first, no `if __name__ == "__main__":` guard. Workers
-# must neither re-run it (a nested sharding run) nor import torch. The subprocess timeout is a
-# hang guard, not a timing assertion.
-_CALLER = """\
+# Workers start from a forkserver and re-import the caller's main script (Python's own rule for
+# the forkserver/spawn start methods): a script calls cxrfast under `if __name__ == "__main__":`
+# and keeps heavy imports (torch) inside it. The subprocess timeouts are hang guards, not timing
+# assertions.
+_CALLER_BODY = """\
 import sys
 import torch  # noqa: F401  (the reported case: a process that imported torch first)
 from pathlib import Path
 from cxrfast.shards.build import shard_mimic
-from cxrfast.shards.worker import ready
 import cxrfast.shards.pool as pool
 
 raw, out = Path(sys.argv[1]), Path(sys.argv[2])
 s = shard_mimic(raw, raw / "mimic-cxr-reports.zip", out, workers=2, samples_per_tar=3, vocab_size=200)
-# A worker must not hold torch or the caller's main: check in a fresh pool, in the workers.
+# A worker must not hold torch or polars: check in a fresh pool, in the workers.
 with pool.WorkerPool(1) as p:
     (_, probe), = p.map_unordered(pool._probe, [("probe", ("torch", "polars"))], in_flight=1)
 print("RESULT", s.samples, probe["imported"], probe["main"])
 """
+_GUARDED = "def main():\n" + "".join(f"    {line}\n" for line in _CALLER_BODY.splitlines()) + "\nif __name__ == '__main__':\n    main()\n"
 
 
-@pytest.mark.parametrize("entry", ["script", "console_script", "python_c"])
+@pytest.mark.parametrize("entry", ["guarded_script", "console_script", "python_c"])
 def test_sharding_works_from_any_caller_that_imported_torch(tmp_path: Path, entry: str) -> None:
     raw = _tiny(tmp_path, studies=4)
     out = tmp_path / "out"
     script = tmp_path / "user_script.py"
-    script.write_text(_CALLER)
-    if entry == "script":
-        cmd = [sys.executable, str(script)]
-    elif entry == "console_script":  # the shape pip gives `cxrfast`: a guarded wrapper file without .py
+    script.write_text(_GUARDED)
+    if entry == "guarded_script":
+        cmd, main = [sys.executable, str(script)], str(script)
+    elif entry == "console_script":  # the shape pip gives `cxrfast`: a wrapper file without .py
         (tmp_path / "wrapper").write_text(
-            f"#!{sys.executable}\nimport runpy, sys\nif __name__ == '__main__':\n"
-            f"    sys.exit(runpy.run_path({str(script)!r}, run_name='user_main') and 0)\n"
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom user_script import main\n"
+            "if __name__ == '__main__':\n    sys.exit(main())\n"
         )
-        cmd = [sys.executable, str(tmp_path / "wrapper")]
+        cmd, main = [sys.executable, str(tmp_path / "wrapper")], str(tmp_path / "wrapper")
     else:
-        cmd = [sys.executable, "-c", _CALLER]
+        cmd, main = [sys.executable, "-c", _CALLER_BODY], "None"
     res = subprocess.run([*cmd, str(raw), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT")][-1]
-    # no torch or polars in the workers, the caller's main not replayed there
-    assert line == f"RESULT {_manifest(out)['counts']['samples_out']} [] None"
+    # no torch or polars in the workers; the caller's main re-imported there (if it has a file), not re-run
+    assert line == f"RESULT {_manifest(out)['counts']['samples_out']} [] {main}"
     _assert_in_eq_out_plus_skipped(out)
+
+
+def test_a_script_without_main_guard_gets_a_clear_error_not_a_nested_run(tmp_path: Path) -> None:
+    raw = _tiny(tmp_path, studies=3)
+    out = tmp_path / "out"
+    script = tmp_path / "unguarded.py"
+    script.write_text(_CALLER_BODY)
+    res = subprocess.run([sys.executable, str(script), str(raw), str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "WorkerError" in res.stderr and 'if __name__ == "__main__":' in res.stderr
+    # the re-run inside a worker was refused by the folder lock before it wrote anything
+    assert "is being written by another cxrfast shard run" in res.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
 
 
 @pytest.mark.parametrize("how", ["exit", "sigkill"])

@@ -131,6 +131,21 @@ def test_undecodable_images_raise_with_reason(data: bytes, detail: str) -> None:
     assert e.value.reason == "undecodable_image"
 
 
+@pytest.mark.parametrize("damage", ["garbage_mid_file", "truncated_and_reterminated"])
+def test_corrupt_jpeg_data_raises_instead_of_a_half_grey_image(damage: str) -> None:
+    data = _jpeg(2100, 1700)
+    if damage == "garbage_mid_file":
+        mid = len(data) // 2
+        data = data[:mid] + np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes() + data[mid + 64 :]
+    else:
+        data = data[: len(data) // 2] + b"\xff\xd9"
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE).shape == (2100, 1700)  # OpenCV: fine
+    with pytest.raises(ImageError, match="x.jpg: libjpeg: Corrupt JPEG data") as e:
+        decode_resize(data, 512, name="x.jpg")
+    assert e.value.reason == "corrupt_image"
+    decode_resize(_jpeg(2100, 1700), 512)  # the next good image decodes (the decoder's stderr is restored)
+
+
 def test_encode_jpeg_is_deterministic_single_channel() -> None:
     img = decode_resize(_jpeg(800, 640), 512).image
     a, b = encode_jpeg(img, 95), encode_jpeg(img.copy(), 95)
