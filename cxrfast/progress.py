@@ -34,14 +34,15 @@ class LineProgress:
 
     def __init__(
         self, desc: str, total: int | None = None, unit: str = "it", *, interval_s: float = DEFAULT_INTERVAL_S,
-        stream: TextIO | None = None, clock=time.monotonic,
+        stream: TextIO | None = None, clock=time.monotonic, initial: int = 0,
     ) -> None:  # fmt: skip
         self.desc, self.total, self.unit = desc, total, unit
         self.interval_s = interval_s
         self.stream = stream
         self.clock = clock
-        self.n = 0
+        self.n = self._start = initial
         self.closed = False
+        self._postfix = ""
         self._t0 = self._last = clock()
         self._emit(f"{self.desc}: started" + (f", {self.total} {self.unit}" if self.total is not None else ""))
 
@@ -50,7 +51,11 @@ class LineProgress:
         print(line, file=stream, flush=True)
 
     def _rate(self, now: float) -> float:
-        return self.n / (now - self._t0) if now > self._t0 else 0.0
+        return (self.n - self._start) / (now - self._t0) if now > self._t0 else 0.0
+
+    def set_postfix(self, **values: object) -> None:
+        """Shown at the end of the next line (as tqdm's `set_postfix`), e.g. the current loss."""
+        self._postfix = ", " + ", ".join(f"{k}={v}" for k, v in values.items()) if values else ""
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -64,14 +69,15 @@ class LineProgress:
             pos = f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.1f}%)"
         else:
             left, pos = "", f"{self.n} {self.unit}"
-        self._emit(f"{self.desc}: {pos}, {rate:.1f} {self.unit}/s{left}")
+        self._emit(f"{self.desc}: {pos}, {rate:.1f} {self.unit}/s{left}{self._postfix}")
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         now = self.clock()
-        self._emit(f"{self.desc}: done, {self.n} {self.unit} in {_hms(now - self._t0)} ({self._rate(now):.1f} {self.unit}/s)")
+        self._emit(f"{self.desc}: done, {self.n} {self.unit} in {_hms(now - self._t0)} "
+                   f"({self._rate(now):.1f} {self.unit}/s){self._postfix}")
 
     def __enter__(self) -> LineProgress:
         return self
@@ -82,6 +88,9 @@ class LineProgress:
 
 class _Off:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: object) -> None:
         pass
 
     def close(self) -> None:
@@ -108,17 +117,19 @@ def progress_kind(stream: TextIO | None = None) -> str:
         return "lines"
 
 
-def progress(desc: str, total: int | None = None, unit: str = "it") -> Any:
-    """A progress reporter for one stage: a tqdm bar or a `LineProgress` (see the module doc)."""
-    kind = progress_kind()
+def progress(desc: str, total: int | None = None, unit: str = "it", *, initial: int = 0,
+             enabled: bool = True) -> Any:
+    """A progress reporter for one stage: a tqdm bar or a `LineProgress` (see the module doc).
+    `initial`: work already done (a resumed stage); `enabled=False` (e.g. on ranks > 0) reports nothing."""
+    kind = progress_kind() if enabled else "off"
     if kind == "bar":
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, initial=initial)
     if kind == "off":
         return _Off()
     interval = float(os.environ.get("CXRFAST_PROGRESS_SECONDS", DEFAULT_INTERVAL_S))
-    return LineProgress(desc, total, unit, interval_s=interval)
+    return LineProgress(desc, total, unit, interval_s=interval, initial=initial)
 
 
 __all__ = ["progress", "progress_kind", "LineProgress", "DEFAULT_INTERVAL_S"]

@@ -192,6 +192,8 @@ def test_resume_safety_changed_schedule_other_preset_and_damaged_checkpoint(mimi
             "ckpt_every_epochs=1", "ckpt_keep=0", "export=false", "warmup_epochs=1"]
     first = _python(["--preset", "tiny_mae", *base, "epochs=2"])
     assert first.returncode == 0, first.stderr[-4000:]
+    # stderr is a pipe here, as in a batch job's log: plain progress lines, not a redrawn bar
+    assert "epoch 1/2: started" in first.stderr and "epoch 2/2: done" in first.stderr and "\r" not in first.stderr
     spe = json.loads((out / "config.json").read_text())["steps_per_epoch"]
     longer = _python(["--preset", "tiny_mae", *base, "epochs=4", "--resume"])
     assert longer.returncode == 0, longer.stderr[-4000:]

@@ -11,7 +11,6 @@ mid-epoch included, computes exactly what the uninterrupted run computed.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,11 +51,10 @@ def train(engine: Any, data: EpochData, ctx: StepContext, *, state: RunState, pl
           checkpointer: Checkpointer, metrics: MetricsLogger, throughput: Throughput,
           data_state: bytes | None = None) -> RunState:
     """Train from `state` until the plan says stop; returns the final state."""
-    from tqdm import tqdm
+    from cxrfast.progress import progress
 
     method = engine.module
     rank = ctx.rank
-    interactive = sys.stderr.isatty()
     meter = StepMeter(engine.device)
     accum = data.accum
     start_step = state.step
@@ -72,12 +70,10 @@ def train(engine: Any, data: EpochData, ctx: StepContext, *, state: RunState, pl
         method.on_epoch_start(ctx)
         engine.train()
         start = state.micro
-        # The count advances every optimizer step (a host-side counter, no device sync); the
-        # loss postfix changes only on log steps. Without a terminal (a log file) the bar is
-        # redrawn at most every 30 s and kept at the epoch end.
-        bar = tqdm(total=data.steps, initial=start // accum, desc=f"epoch {epoch + 1}/{plan.end_epoch}",
-                   disable=rank != 0, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True,
-                   leave=not interactive)
+        # The count advances every optimizer step (a host-side counter, no device sync); the loss
+        # postfix changes only on log steps. In a log file: periodic lines, not a redrawn bar.
+        bar = progress(f"epoch {epoch + 1}/{plan.end_epoch}", data.steps, "step", initial=start // accum,
+                       enabled=rank == 0)
         batches = data.epoch(epoch, start=start, state=data_state if start else None)
         data_state = None
         throughput.restart()
