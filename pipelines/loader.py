@@ -118,6 +118,7 @@ def build_loader(
             r,
             samples=rank_share(total, rank, world_size),
             batch_size=batch_size,
+            num_labels=len(folder.label_names),
             device=torch_device,
             dtype=dtype,
             channels=channels,

@@ -36,7 +36,7 @@ def read_shards(
     text: str | None,
     initial_fill: int = 1024,
 ) -> dict[str, DataNode]:
-    """{"jpg": encoded bytes, "labels": int8 [14], "ids": int32 [n] (only with a `text`: the ids member
+    """{"jpg": encoded bytes, "labels": int8 [len(label_names)], "ids": int32 [n] (only with a `text`: the ids member
     of that report text, `schema.TEXTS[text].ids`)}."""
     exts = ["jpg", "labels.i8"] + ([TEXTS[text].ids] if text is not None else [])
     outs = fn.readers.webdataset(

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import torch
 
 from cxrfast.pipelines.recipes import Recipe
-from cxrfast.shards.schema import NUM_LABELS
 
 
 class SyntheticLoader:
-    """Same batch dict, len and epoch_samples as the real backends for the given sample count."""
+    """Same batch dict, len and epoch_samples as the real backends for the given sample count;
+    `num_labels` codes per sample (the shard folder's `len(label_names)`)."""
 
     def __init__(
         self,
@@ -21,6 +21,7 @@ class SyntheticLoader:
         *,
         samples: int,
         batch_size: int,
+        num_labels: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         channels: int = 1,
@@ -32,8 +33,8 @@ class SyntheticLoader:
         with_keys: bool = False,
         drop_last: bool = False,
     ) -> None:
-        if samples < 1 or batch_size < 1:
-            raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+        if samples < 1 or batch_size < 1 or num_labels < 1:
+            raise ValueError(f"samples, batch_size and num_labels must be >= 1, got {samples}, {batch_size}, {num_labels}")
         if text_len is not None and (vocab_size is None or special_ids is None):
             raise ValueError(f"recipe {recipe.name!r} has text: pass vocab_size and special_ids (or a manifest with a tokenizer)")
         self.samples, self.batch_size, self.drop_last, self.with_keys = samples, batch_size, drop_last, with_keys
@@ -43,7 +44,7 @@ class SyntheticLoader:
         for name, side in recipe.sizes(image_size).items():
             gray = torch.randn(b, 1, side, side, generator=g).to(dtype)
             batch[name] = gray.expand(-1, channels, -1, -1).contiguous()  # replicated like the real backends
-        batch["labels"] = torch.randint(-2, 2, (b, NUM_LABELS), generator=g, dtype=torch.int8)
+        batch["labels"] = torch.randint(-2, 2, (b, num_labels), generator=g, dtype=torch.int8)
         if text_len is not None:
             assert special_ids is not None and vocab_size is not None
             first = max(special_ids.values()) + 1

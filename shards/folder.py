@@ -76,8 +76,10 @@ class ShardFolder:
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """Label names in the order of `labels.i8` (CheXpert's 14 when an old manifest lacks them)."""
-        return tuple(self.manifest.get("label_names") or schema.LABEL_NAMES)
+        """Label names in the order of `labels.i8` (one code per name): the manifest's, or, for an old
+        manifest without them, its dataset's (`schema.DATASET_LABEL_NAMES`)."""
+        names = self.manifest.get("label_names")
+        return tuple(names) if names else schema.label_names_for(self.dataset)
 
     @property
     def created_with(self) -> dict[str, Any]:

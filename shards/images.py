@@ -59,7 +59,7 @@ class Decoded:
     orig_width: int
     orig_height: int
     reduction: int  # libjpeg DCT scale used (1 = full decode)
-    source_format: str  # "jpeg" | "png16" | "png8" | "other"
+    source_format: str  # "jpeg" | "png16" | "png8" | "other" | "dicom"
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -210,13 +210,18 @@ def _decode_resize(data: bytes, max_size: int, name: str) -> Decoded:
 
 
 def load_resize(path: Path, max_size: int) -> Decoded:
-    """`decode_resize` of a file; a missing file raises ImageError("missing_image", ...)."""
+    """`decode_resize` of a file (`cxrfast.shards.dicom.decode_dicom` of a `.dcm` file); a missing
+    file raises ImageError("missing_image", ...)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ImageError("missing_image", f"{path} does not exist") from None
     except OSError as e:
         raise ImageError("unreadable_image", f"{path}: {e}") from None
+    if path.suffix.lower() == ".dcm":
+        from cxrfast.shards.dicom import decode_dicom  # (it imports this module)
+
+        return decode_dicom(data, max_size, name=str(path))
     return decode_resize(data, max_size, name=str(path))
 
 

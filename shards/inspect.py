@@ -7,6 +7,7 @@ import json
 import math
 import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from cxrfast.shards.folder import ShardFolder
 from cxrfast.shards.lock import lock_holder
 from cxrfast.shards.manifest import file_sha256, read_manifest
 from cxrfast.shards.schema import (
+    BOX_FIELDS,
+    DATASET_LABEL_NAMES,
     DEFAULT_TEXT,
     LABEL_NAMES,
     MANIFEST,
     MANIFEST_FIELDS,
     MEMBER_BY_EXT,
     METADATA_FIELDS,
-    NUM_LABELS,
     REQUIRED_EXTS,
     SKIPPED,
     SPLITS,
@@ -42,20 +44,24 @@ class InspectReport:
     """Everything `inspect` found: problems (empty when consistent) and statistics."""
 
     root: Path
+    label_names: tuple[str, ...] = LABEL_NAMES  # the manifest's, in labels.i8 order
     problems: list[str] = field(default_factory=list)
     per_split: dict[str, int] = field(default_factory=dict)
     prevalence: dict[str, Counter] = field(default_factory=dict)
     report_words: list[int] = field(default_factory=list)
     token_lengths: list[int] = field(default_factory=list)
     without_report: int = 0
-    sheet_samples: list[tuple[str, bytes, np.ndarray]] = field(default_factory=list, repr=False)  # (key, jpg, labels)
+    #: (key, jpg, labels, boxes as fractions of the image: x, y, width, height)
+    sheet_samples: list[tuple[str, bytes, np.ndarray, list[tuple[float, float, float, float]]]] = field(
+        default_factory=list, repr=False
+    )
     sheet: Path | None = None  # where write_contact_sheet drew them
 
     def text(self) -> str:
         lines = [f"shards: {self.root}"]
         lines.append("samples per split: " + ", ".join(f"{k} {v}" for k, v in self.per_split.items()))
         lines.append(f"{'label':28s} {'pos':>7s} {'neg':>7s} {'unc':>7s} {'missing':>8s}")
-        for name in LABEL_NAMES:
+        for name in self.label_names:
             c = self.prevalence.get(name, Counter())
             lines.append(f"{name:28s} {c['pos']:7d} {c['neg']:7d} {c['unc']:7d} {c['missing']:8d}")
         for what, vals in (("report words", self.report_words), ("report tokens", self.token_lengths)):
@@ -116,12 +122,13 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dic
         p.append(f"{where}: sample {key} has unknown members {unknown}")
     if "labels.i8" in members:
         lab = decode_member("labels.i8", members["labels.i8"])
-        if lab.shape != (NUM_LABELS,):
-            p.append(f"{where}: {key}.labels.i8 holds {lab.shape[0]} values, expected {NUM_LABELS}")
+        n = len(rep.label_names)
+        if lab.shape != (n,):
+            p.append(f"{where}: {key}.labels.i8 holds {lab.shape[0]} values, expected {n} (the manifest's label_names)")
         elif not np.isin(lab, list(_CODES)).all():
             p.append(f"{where}: {key}.labels.i8 holds invalid codes {lab.tolist()}")
         else:
-            for name, v in zip(LABEL_NAMES, lab.tolist(), strict=True):
+            for name, v in zip(rep.label_names, lab.tolist(), strict=True):
                 rep.prevalence.setdefault(name, Counter())[_CODES[v]] += 1
     tok = manifest.get("tokenizer") or {}
     for name in _carried_texts(members, tok):
@@ -135,6 +142,8 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dic
                 p.append(f"{where}: {key}.json has fields {list(meta)}, expected {list(METADATA_FIELDS)}")
             elif meta["split"] != split:
                 p.append(f"{where}: {key}.json says split {meta['split']!r}, the tar is in {split!r}")
+            else:
+                _check_boxes(meta["boxes"], rep, f"{where}: {key}.json")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             p.append(f"{where}: {key}.json is not valid JSON ({e})")
     if "jpg" in members:
@@ -144,6 +153,19 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, manifest: dic
             p.append(f"{where}: {key}.jpg is not a decodable single-channel JPEG")
         elif max_size and max(img.shape) > max_size:
             p.append(f"{where}: {key}.jpg is {img.shape[1]}x{img.shape[0]}, long side above max_size {max_size}")
+
+
+def _check_boxes(boxes: object, rep: InspectReport, where: str) -> None:
+    """Boxes are a list of {label, x, y, width, height}: a label name, finite numbers, positive sizes."""
+    if not isinstance(boxes, list):
+        rep.problems.append(f"{where}: boxes is a {type(boxes).__name__}, expected a list")
+        return
+    for b in boxes:
+        ok = isinstance(b, dict) and tuple(b) == BOX_FIELDS and b["label"] in rep.label_names
+        ok = ok and all(isinstance(b[k], int | float) and math.isfinite(b[k]) for k in BOX_FIELDS[1:])
+        if not ok or b["width"] <= 0 or b["height"] <= 0:
+            rep.problems.append(f"{where}: box {b} is not {{label: one of label_names, x, y, width > 0, height > 0}}")
+            return
 
 
 def _read_samples(tar_path: Path):
@@ -249,13 +271,17 @@ def inspect_shards(root: Path, *, samples: int = 16, seed: int = 0) -> InspectRe
             raise ValueError(f"{root} is being written by a cxrfast shard run ({who}); inspect it when it has finished") from None
         raise ValueError(str(e)) from None  # the CLI reports a ValueError as "error: ..." (exit 2)
     manifest = folder.manifest
-    rep = InspectReport(root)
+    names = manifest.get("label_names")
+    rep = InspectReport(root, label_names=tuple(names) if isinstance(names, list) and names else LABEL_NAMES)
     p = rep.problems
     lacking = [k for k in MANIFEST_FIELDS if k not in manifest]
     if lacking:
         p.append(f"{man_p}: missing keys {lacking}")
-    if manifest.get("label_names") != list(LABEL_NAMES):
-        p.append(f"{man_p}: label_names differ from the CheXpert order")
+    expected = DATASET_LABEL_NAMES.get(str(manifest.get("dataset")))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        p.append(f"{man_p}: label_names is {names!r}, expected a non-empty list of names")
+    elif expected is not None and tuple(names) != expected:
+        p.append(f"{man_p}: label_names {names} differ from dataset {manifest.get('dataset')!r}'s order {list(expected)}")
     _check_tokenizer(folder, p)
     rng = np.random.default_rng(seed)
     reservoir = rep.sheet_samples
@@ -294,7 +320,7 @@ def inspect_shards(root: Path, *, samples: int = 16, seed: int = 0) -> InspectRe
                     _check_sample(key, members, split, manifest, rep, tar_p.name)
                     if samples > 0 and "jpg" in members and "labels.i8" in members:
                         n_seen += 1
-                        item = (key, members["jpg"], np.frombuffer(members["labels.i8"], np.int8))
+                        item = (key, members["jpg"], np.frombuffer(members["labels.i8"], np.int8), _relative_boxes(members))
                         if len(reservoir) < samples:
                             reservoir.append(item)
                         else:
@@ -345,7 +371,7 @@ def write_contact_sheet(rep: InspectReport, path: Path) -> Path | None:
     """Draw `rep`'s sampled samples at `path` (None when there are none); OSError when it cannot be written."""
     if not rep.sheet_samples:
         return None
-    rep.sheet = contact_sheet(rep.sheet_samples, path)
+    rep.sheet = contact_sheet(rep.sheet_samples, path, rep.label_names)
     return rep.sheet
 
 
@@ -353,26 +379,48 @@ def _abbrev(name: str) -> str:
     return "".join(w[0] for w in name.split()) if " " in name else name[:5]
 
 
-def contact_sheet(items: list[tuple[str, bytes, np.ndarray]], path: Path) -> Path:
-    """A grid of (key, jpg, labels): each image titled with its key and its positive (+) and
-    uncertain (?) labels."""
+def _relative_boxes(members: dict[str, bytes]) -> list[tuple[float, float, float, float]]:
+    """The sample's boxes as fractions of the original image (x, y, width, height); [] when the
+    JSON has none or is unusable (reported elsewhere)."""
+    try:
+        meta = json.loads(members.get("json", b"{}"))
+        w, h = float(meta["orig_width"]), float(meta["orig_height"])
+        return [(b["x"] / w, b["y"] / h, b["width"] / w, b["height"] / h) for b in meta.get("boxes") or []]
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return []
+
+
+def contact_sheet(
+    items: list[tuple[str, bytes, np.ndarray, list[tuple[float, float, float, float]]]],
+    path: Path,
+    label_names: Sequence[str] = LABEL_NAMES,
+) -> Path:
+    """A grid of (key, jpg, labels, boxes): each image titled with its key and its positive (+) and
+    uncertain (?) labels (`label_names`: the labels' names, in order), its boxes (fractions of the
+    image: x, y, width, height) outlined."""
     import cv2
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (key, jpg, labels) in zip(axes.ravel(), sorted(items, key=lambda x: x[0]), strict=False):
+    for ax, (key, jpg, labels, boxes) in zip(axes.ravel(), sorted(items, key=lambda x: x[0]), strict=False):
         img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
         if img is not None:
             ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-        pos = [_abbrev(n) + "+" for n, v in zip(LABEL_NAMES, labels.tolist(), strict=True) if v == 1]
-        unc = [_abbrev(n) + "?" for n, v in zip(LABEL_NAMES, labels.tolist(), strict=True) if v == -1]
+            h, w = img.shape
+            for bx, by, bw, bh in boxes:
+                ax.add_patch(Rectangle((bx * w, by * h), bw * w, bh * h, fill=False, edgecolor="red", linewidth=1))
+        if len(labels) != len(label_names):  # reported as a problem already
+            labels = np.zeros(len(label_names), np.int8)
+        pos = [_abbrev(n) + "+" for n, v in zip(label_names, labels.tolist(), strict=True) if v == 1]
+        unc = [_abbrev(n) + "?" for n, v in zip(label_names, labels.tolist(), strict=True) if v == -1]
         ax.set_title(f"{key[:28]}\n{' '.join(pos + unc) or '-'}", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

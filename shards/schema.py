@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHARD_FORMAT_VERSION = 1
+#: 2: `KEY.json` gained "boxes"; labels.i8 holds as many codes as the manifest's label_names.
+SHARD_FORMAT_VERSION = 2
 
-#: CheXpert's 14 observations in CheXpert's order (the order of `KEY.labels.i8`).
+#: CheXpert's 14 observations in CheXpert's order: the label order of MIMIC-CXR and CheXpert
+#: shards. A shard folder's own order is its manifest's `label_names` (`ShardFolder.label_names`).
 LABEL_NAMES: tuple[str, ...] = (
     "No Finding",
     "Enlarged Cardiomediastinum",
@@ -31,7 +33,31 @@ LABEL_NAMES: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
+#: len(LABEL_NAMES): CheXpert's count, not every shard folder's (NIH has 14 others, RSNA one).
 NUM_LABELS = len(LABEL_NAMES)
+
+#: NIH ChestX-ray14's 14 findings in NIH's own order (the names of its `Finding Labels`).
+NIH_LABEL_NAMES: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
+#: RSNA Pneumonia Detection: one label, `Target` (1 = lung opacity suspicious for pneumonia).
+RSNA_LABEL_NAMES: tuple[str, ...] = ("Pneumonia",)
+#: Each dataset's label order (the manifest's `label_names` of its shards).
+DATASET_LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "mimic": LABEL_NAMES,
+    "chexpert": LABEL_NAMES,
+    "nih": NIH_LABEL_NAMES,
+    "rsna": RSNA_LABEL_NAMES,
+}
+
+
+def label_names_for(dataset: str) -> tuple[str, ...]:
+    """The label order of `dataset`'s shards; ValueError for an unknown dataset."""
+    try:
+        return DATASET_LABEL_NAMES[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_LABEL_NAMES)}") from None
 
 #: Raw label codes stored in `labels.i8`.
 POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED = 1, 0, -1, -2
@@ -51,7 +77,7 @@ class Member:
 
 MEMBERS: tuple[Member, ...] = (
     Member("jpg", None, True, "8-bit single-channel JPEG, long side <= max_size"),
-    Member("labels.i8", np.dtype("<i1"), True, "14 int8 label codes in LABEL_NAMES order"),
+    Member("labels.i8", np.dtype("<i1"), True, "one int8 label code per manifest label_names entry, in that order"),
     Member("ids.i32", np.dtype("<i4"), False, "token ids of findings + impression: [CLS] ... [SEP] (no [SEP] "
            "when the tokenizer has none), no padding"),
     Member("txt", None, False, "the findings + impression text ids.i32 was made from (UTF-8)"),
@@ -89,10 +115,10 @@ REQUIRED_SPECIAL: tuple[str, ...] = ("pad", "unk", "cls", "mask")
 
 #: Keys of `KEY.json`.
 METADATA_FIELDS: tuple[str, ...] = (
-    "dataset",  # "mimic" | "chexpert"
-    "subject_id",  # MIMIC subject_id / CheXpert patient id, as a string
-    "study_id",
-    "image_id",  # MIMIC dicom_id / CheXpert "view1_frontal"
+    "dataset",  # "mimic" | "chexpert" | "nih" | "rsna"
+    "subject_id",  # MIMIC subject_id / CheXpert patient id / NIH Patient ID / RSNA patientId, as a string
+    "study_id",  # MIMIC study_id / CheXpert "patientN_studyM" / NIH Follow-up # / RSNA ""
+    "image_id",  # MIMIC dicom_id / CheXpert "view1_frontal" / NIH Image Index without .png / RSNA patientId
     "view",  # PA, AP, LATERAL, LL, ... ("" when unknown)
     "split",
     "sex",  # "" when unknown
@@ -101,7 +127,10 @@ METADATA_FIELDS: tuple[str, ...] = (
     "orig_height",
     "source_path",  # path relative to the dataset root
     "report_sections",  # {section name: text}; {} when there is no report
+    "boxes",  # [{"label", "x", "y", "width", "height"}] in original pixels (NIH BBox list, RSNA); [] when none
 )
+#: Keys of each entry of `KEY.json`'s "boxes" (label: one of the manifest's label_names).
+BOX_FIELDS: tuple[str, ...] = ("label", "x", "y", "width", "height")
 
 #: Fixed tar member mtime, so that a rebuild is byte-identical.
 TAR_MTIME = 0.0
@@ -139,11 +168,13 @@ def chexpert_key(path: str) -> str:
     return check_key(f"{patient}_{study}_{view}")
 
 
-def labels_to_bytes(values: np.ndarray) -> bytes:
-    """14 label codes -> the `labels.i8` payload."""
+def labels_to_bytes(values: np.ndarray, num_labels: int | None = None) -> bytes:
+    """Label codes (one per label name, in the manifest's order) -> the `labels.i8` payload.
+    With `num_labels`, the vector must have exactly that many codes."""
     arr = np.asarray(values)
-    if arr.shape != (NUM_LABELS,):
-        raise ValueError(f"expected {NUM_LABELS} labels, got shape {arr.shape}")
+    if arr.ndim != 1 or arr.size == 0 or (num_labels is not None and arr.shape != (num_labels,)):
+        want = f"{num_labels}" if num_labels is not None else "a non-empty vector of"
+        raise ValueError(f"expected {want} labels, got shape {arr.shape}")
     if not np.isin(arr, (POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED)).all():
         raise ValueError(f"label codes must be in {{1, 0, -1, -2}}, got {arr.tolist()}")
     return arr.astype(MEMBER_BY_EXT["labels.i8"].dtype).tobytes()

@@ -140,6 +140,7 @@ def write_tar(task: TarTask) -> dict:
                 "orig_height": dec.orig_height,
                 "source_path": rel,
                 "report_sections": sections,
+                "boxes": row.get("boxes") or [],
             }
             assert tuple(meta) == METADATA_FIELDS
             members["json"] = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
