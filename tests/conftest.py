@@ -19,6 +19,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 MIMIC_STUDIES = 24
 MIMIC_SIZE_RANGE = (700, 1000)
 CHEXPERT_PATIENTS = 16
+NIH_IMAGES = 24
+RSNA_PATIENTS = 16
 
 
 @pytest.fixture(scope="session")
@@ -89,4 +91,44 @@ def mimic_shards_mrm_tokenizer(mimic_raw: Path, mrm_tokenizer: Path, tmp_path_fa
     out = tmp_path_factory.mktemp("mimic_shards_mrm_tok") / "mimic"
     shard_mimic(root=mimic_raw, reports=mimic_raw / "mimic-cxr-reports.zip", out=out, samples_per_tar=8,
                 workers=2, tokenizer=mrm_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nih_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic NIH ChestX-ray14 tree (flat `images/` layout, Data_Entry_2017.csv)."""
+    from cxrfast.synth.nih import make_nih
+
+    out = tmp_path_factory.mktemp("nih_raw")
+    make_nih(out, images=NIH_IMAGES, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nih_shards(nih_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cxrfast shard nih` output over `nih_raw` (4 samples per tar, 2 workers)."""
+    from cxrfast.shards.build import shard_nih
+
+    out = tmp_path_factory.mktemp("nih_shards") / "nih"
+    shard_nih(nih_raw, out, samples_per_tar=4, workers=2, validate_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rsna_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic RSNA Pneumonia stage-2 training set (every DICOM encoding, multi-box patients)."""
+    from cxrfast.synth.rsna import make_rsna
+
+    out = tmp_path_factory.mktemp("rsna_raw")
+    make_rsna(out, patients=RSNA_PATIENTS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rsna_shards(rsna_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cxrfast shard rsna` output over `rsna_raw` (4 samples per tar, 2 workers)."""
+    from cxrfast.shards.build import shard_rsna
+
+    out = tmp_path_factory.mktemp("rsna_shards") / "rsna"
+    shard_rsna(rsna_raw, out, samples_per_tar=4, workers=2)
     return out

@@ -15,6 +15,7 @@ radiologists read them: the patient's right on the image's left.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -330,9 +331,24 @@ def _devices(c: _Canvas, a: Anatomy, rng: np.random.Generator, lateral: bool) ->
     return d
 
 
+def _box_opacity(c: _Canvas, rng: np.random.Generator, box: tuple[float, float, float, float]) -> np.ndarray:
+    """A patchy airspace opacity filling the box (x0, y0, x1, y1), fading out at its edges (peak 1)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    img = c.zeros()
+    for _ in range(int(rng.integers(6, 11))):
+        cx, cy = x0 + w * rng.uniform(0.3, 0.7), y0 + h * rng.uniform(0.3, 0.7)
+        c.ellipse(img, cx, cy, w * rng.uniform(0.15, 0.3), h * rng.uniform(0.15, 0.3), rng.uniform(0, 180),
+                  rng.uniform(0.6, 1.0))  # fmt: skip
+    img = c.blur(img, 0.12 * min(w * c.w, h * c.h) / c.short)
+    return img / max(float(img.max()), 1e-6)
+
+
 def _frontal_density(c: _Canvas, a: Anatomy, sev: np.ndarray, view: str, seed: int,
-                     sides: dict[str, str] | None) -> np.ndarray:  # fmt: skip
-    """Attenuation map of a PA/AP chest with the findings in `sev` (CheXpert order)."""
+                     sides: dict[str, str] | None,
+                     opacities: Sequence[tuple[float, float, float, float]] = ()) -> np.ndarray:  # fmt: skip
+    """Attenuation map of a PA/AP chest with the findings in `sev` (CheXpert order) and an airspace
+    opacity filling each box of `opacities` (normalised x0, y0, x1, y1 before the pose)."""
     base = np.random.default_rng([seed, 1])
     ap = view == "AP"
     xx, yy = c.xx, c.yy
@@ -558,6 +574,8 @@ def _frontal_density(c: _Canvas, a: Anatomy, sev: np.ndarray, view: str, seed: i
             seg = slice(22, 46)
             thick = c.line(c.zeros(), lx[seg] - s * 0.008, ly[seg], 0.014)
             dens += c.blur(thick, 0.004) * (0.45 * a.air * sev[PLEURAL_OTHER])
+    for i, box in enumerate(opacities):
+        dens += _box_opacity(c, np.random.default_rng([seed, 2000 + i]), box) * aerated * 0.65
     if sev[DEVICES]:
         dens += _devices(c, a, _finding_rng(seed, DEVICES), lateral=False) * min(1.0, sev[DEVICES] * 1.2)
     return dens
@@ -712,6 +730,19 @@ def _pose_matrix(pose: Pose, h: int, w: int) -> np.ndarray:
     return m
 
 
+def posed_box(box: tuple[float, float, float, float], pose: Pose, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Where a normalised box (x0, y0, x1, y1) drawn before the pose lies in the posed image of
+    `shape` (height, width): the bounding box of its moved corners, in pixels (x0, y0, x1, y1),
+    clipped to the image."""
+    h, w = shape
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0 * w, y0 * h, 1.0], [x1 * w, y0 * h, 1.0], [x0 * w, y1 * h, 1.0], [x1 * w, y1 * h, 1.0]])
+    moved = corners @ _pose_matrix(pose, h, w).T
+    lo = np.clip(moved.min(axis=0), 0, [w, h])
+    hi = np.clip(moved.max(axis=0), 0, [w, h])
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
 def render(
     anatomy: Anatomy,
     labels: np.ndarray,
@@ -722,23 +753,33 @@ def render(
     sides: dict[str, str] | None = None,
     pose: Pose | None = None,
     markers: bool = True,
+    opacities: Sequence[tuple[float, float, float, float]] = (),
 ) -> np.ndarray:
     """Draw one radiograph at its working resolution (long side <= DRAW_LONG_SIDE).
 
     labels: 14 codes in CheXpert order (1 positive, 0 negative, -1 uncertain, -2 or NaN blank).
     shape: the final (height, width); the result has the same aspect ratio.
+    opacities: boxes (x0, y0, x1, y1, normalised, before the pose; frontal views only) each filled
+    with an airspace opacity (RSNA's pneumonia boxes); `posed_box` says where one ends up.
     Returns float32 intensities in [0, 1] (bright = attenuating).
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if opacities and view not in FRONTAL_VIEWS:
+        raise ValueError(f"opacity boxes are drawn on frontal views only, got view {view!r}")
+    for box in opacities:
+        if len(box) != 4 or not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
+            raise ValueError(f"an opacity box is (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1; got {box}")
     height, width = shape
     if height < 32 or width < 32:
         raise ValueError(f"image too small: {shape}")
     scale = min(1.0, DRAW_LONG_SIDE / max(height, width))
     c = _Canvas(max(32, round(height * scale)), max(32, round(width * scale)))
     sev = severities(labels, np.random.default_rng([seed, 3]))
-    draw = _frontal_density if view in FRONTAL_VIEWS else _lateral_density
-    dens = draw(c, anatomy, sev, view, seed, sides)
+    if view in FRONTAL_VIEWS:
+        dens = _frontal_density(c, anatomy, sev, view, seed, sides, opacities)
+    else:
+        dens = _lateral_density(c, anatomy, sev, view, seed, sides)
     pose = pose or Pose()
     if pose != Pose():
         m = _pose_matrix(pose, c.h, c.w)
@@ -810,9 +851,11 @@ def draw_radiograph(
     sides: dict[str, str] | None = None,
     pose: Pose | None = None,
     bits: int = 8,
+    opacities: Sequence[tuple[float, float, float, float]] = (),
 ) -> np.ndarray:
-    """A full-resolution radiograph (uint8, or uint16 with bits=16) of `shape` (height, width)."""
+    """A full-resolution radiograph (uint8, or uint16 with bits=16) of `shape` (height, width);
+    `opacities` as in `render`."""
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    img = render(anatomy, labels, view, shape, seed=seed, sides=sides, pose=pose)
+    img = render(anatomy, labels, view, shape, seed=seed, sides=sides, pose=pose, opacities=opacities)
     return upscale_8bit(img, shape, seed=seed) if bits == 8 else upscale_16bit(img, shape, seed=seed)
