@@ -1,4 +1,4 @@
-"""`shard_mimic` / `shard_chexpert`: raw dataset tree -> WebDataset tars + DALI indices + manifest.
+"""`shard_mimic` / `shard_chexpert` / `shard_nih` / `shard_rsna`: raw dataset tree -> WebDataset tars + DALI indices + manifest.
 
 Stages (each with progress, see `cxrfast.progress`): metadata (polars) -> tokenizer (train or
 load) -> images (worker processes, each writing whole tars) -> manifest. Everything around a
@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,6 @@ from cxrfast.shards.pool import WorkerPool
 from cxrfast.shards.reports import ReportStore, parse_report
 from cxrfast.shards.sample_table import build_sample_table
 from cxrfast.shards.schema import (
-    LABEL_NAMES,
     MANIFEST,
     MANIFEST_FIELDS,
     SAMPLE_TABLE,
@@ -56,6 +56,7 @@ from cxrfast.shards.schema import (
     SKIPPED,
     SPLITS,
     TOKENIZER,
+    label_names_for,
 )
 from cxrfast.shards.worker import TarTask, write_tar
 
@@ -178,13 +179,20 @@ def _run(
     pool: WorkerPool,
     t0: float,
 ) -> ShardSummary:
-    # Rows that cannot be placed (no split) are skipped here, the rest are planned into tars.
-    unplaced = rows.filter(~pl.col("split").is_in(list(SPLITS)))
+    # Rows that cannot be written are skipped here: no split, or a reason the metadata reader gave
+    # (optional columns skip_reason/skip_detail); the rest are planned into tars.
+    label_names = label_names_for(dataset)
+    if "skip_reason" not in rows.columns:
+        rows = rows.with_columns(pl.lit(None, dtype=pl.Utf8).alias("skip_reason"), pl.lit(None, dtype=pl.Utf8).alias("skip_detail"))
+    unplaced = rows.filter(~pl.col("split").is_in(list(SPLITS)) | pl.col("skip_reason").is_not_null())
     pre_skipped = [
-        {"key": k, "path": p, "reason": "not_in_split", "detail": "dicom_id not in the split CSV"}
-        for k, p in unplaced.select("key", "source_path").iter_rows()
+        {"key": k, "path": p, "reason": r or "not_in_split", "detail": d or "dicom_id not in the split CSV"}
+        for k, p, r, d in unplaced.select("key", "source_path", "skip_reason", "skip_detail").iter_rows()
     ]
-    rows = rows.filter(pl.col("split").is_in(list(SPLITS)))
+    rows = rows.filter(pl.col("split").is_in(list(SPLITS)) & pl.col("skip_reason").is_null()).drop("skip_reason", "skip_detail")
+    bad = rows.filter(pl.col("labels").list.len() != len(label_names))
+    if bad.height:  # a metadata reader's bug, not bad input
+        raise AssertionError(f"{dataset}: row {bad['key'][0]} has {bad['labels'][0].len()} labels, expected {len(label_names)}")
 
     tok_entry = None
     if reports is not None:
@@ -266,7 +274,7 @@ def _run(
     # The manifest vouches only for tars that are still the bytes that were hashed.
     for p in plans:
         check_unchanged(out, records[p.name])
-    table = build_sample_table(planned, plans, {s["key"] for s in skipped_rows}, LABEL_NAMES)
+    table = build_sample_table(planned, plans, {s["key"] for s in skipped_rows}, label_names)
     if table.height != samples_out:
         raise AssertionError(f"sample table has {table.height} rows, the tars {samples_out} samples")
     table_path = out / SAMPLE_TABLE
@@ -278,7 +286,7 @@ def _run(
         "dataset": dataset,
         "cxrfast_version": cxrfast.__version__,
         "created_with": params,
-        "label_names": list(LABEL_NAMES),
+        "label_names": list(label_names),
         "splits": {s: splits[s] for s in SPLITS if s in splits},
         "counts": {
             "rows_in": rows_in,
@@ -447,10 +455,86 @@ def shard_chexpert(
     )  # fmt: skip
 
 
+def shard_nih(
+    root: Path,
+    out: Path,
+    *,
+    max_size: int = 512,
+    quality: int = 95,
+    samples_per_tar: int | None = None,
+    target_tar_mb: float = 256,
+    workers: int | None = None,
+    seed: int = 0,
+    views: str | Sequence[str] = ("PA", "AP"),
+    validate_fraction: float | None = None,
+    validate_list: Path | None = None,
+    overwrite: bool = False,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+) -> ShardSummary:
+    """Shard an NIH ChestX-ray14 folder (`root` holds Data_Entry_2017[_v2020].csv, the split lists
+    and images/ or images_NNN/images/; the folder above it is accepted too) into `out`:
+    test_list.txt becomes test, validate is held out of train_val_list.txt by patient
+    (`validate_fraction`, default 0.1) or is `validate_list`."""
+    from cxrfast.shards import nih_metadata as nm
+
+    t0 = time.perf_counter()
+    opts = ShardOptions(
+        max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+        workers=workers, seed=seed, views=views, image_ext="png", overwrite=overwrite,
+        max_skipped_fraction=max_skipped_fraction,
+    )  # fmt: skip
+    if validate_list is not None and validate_fraction is not None:
+        raise ValueError("give --validate-fraction or --validate-list, not both")
+    if validate_list is not None and not Path(validate_list).is_file():
+        raise ValueError(f"--validate-list {validate_list} is not a file")
+    validate_fraction = 0.1 if validate_fraction is None and validate_list is None else validate_fraction or 0.0
+    if not 0.0 <= validate_fraction < 1.0:
+        raise ValueError(f"--validate-fraction must be in [0, 1), got {validate_fraction}")
+    root, out = _dataset_root(Path(root), nm.TRAIN_VAL_LIST, "NIH ChestX-ray14"), Path(out)
+    tables = nm.input_tables(root) | ({"validate_list": Path(validate_list)} if validate_list is not None else {})
+    read = partial(nm.read_nih, root, views=views, validate_fraction=validate_fraction, seed=seed, validate_list=validate_list)
+    return _shard("nih", root, out, opts, read_rows=read, tables=tables, params={"validate_fraction": validate_fraction}, t0=t0)
+
+
+def shard_rsna(
+    root: Path,
+    out: Path,
+    *,
+    max_size: int = 512,
+    quality: int = 95,
+    samples_per_tar: int | None = None,
+    target_tar_mb: float = 256,
+    workers: int | None = None,
+    seed: int = 0,
+    views: str | Sequence[str] = ("PA", "AP"),
+    validate_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    overwrite: bool = False,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+) -> ShardSummary:
+    """Shard the RSNA Pneumonia stage-2 training set (`root` holds stage_2_train_labels.csv and
+    stage_2_train_images/; the folder above it is accepted too) into `out`: one sample per patient,
+    train/validate/test drawn by patient with `seed` (defaults: MGCA's 70/15/15)."""
+    from cxrfast.shards import rsna_metadata as rm
+
+    t0 = time.perf_counter()
+    opts = ShardOptions(
+        max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+        workers=workers, seed=seed, views=views, overwrite=overwrite, max_skipped_fraction=max_skipped_fraction,
+    )  # fmt: skip
+    rm.check_fractions(validate_fraction, test_fraction)
+    root, out = _dataset_root(Path(root), rm.LABELS_CSV, "RSNA Pneumonia"), Path(out)
+    read = partial(rm.read_rsna, root, views=views, validate_fraction=validate_fraction, test_fraction=test_fraction, seed=seed)
+    params = {"validate_fraction": validate_fraction, "test_fraction": test_fraction}
+    return _shard("rsna", root, out, opts, read_rows=read, tables=rm.input_tables(root), params=params, t0=t0)
+
+
 def _dataset_root(root: Path, marker: str, what: str) -> Path:
     if not root.is_dir():
         raise ValueError(f"--root {root} is not a directory")
     return find_dataset_root(root, marker, what)
 
 
-__all__ = ["ShardOptions", "ShardSummary", "shard_mimic", "shard_chexpert", "DEFAULT_MAX_SKIPPED_FRACTION"]
+__all__ = [
+    "ShardOptions", "ShardSummary", "shard_mimic", "shard_chexpert", "shard_nih", "shard_rsna", "DEFAULT_MAX_SKIPPED_FRACTION",
+]  # fmt: skip

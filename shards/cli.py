@@ -1,4 +1,4 @@
-"""`cxrfast shard mimic|chexpert` and `cxrfast inspect`."""
+"""`cxrfast shard mimic|chexpert|nih|rsna` and `cxrfast inspect`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _QUALITY = typer.Option(95, "--quality", help="JPEG quality of the written image
 _SPT = typer.Option(None, "--samples-per-tar", help="Samples per tar (default: from --target-tar-mb).")
 _TARGET = typer.Option(256.0, "--target-tar-mb", help="Approximate tar size in MB when --samples-per-tar is not given.")
 _WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
-_SEED = typer.Option(0, "--seed", help="Seed of the sample order (and CheXpert's validate hold-out).")
+_SEED = typer.Option(0, "--seed", help="Seed of the sample order (and of CheXpert's and NIH's validate hold-out).")
 _VIEWS = typer.Option("PA,AP", "--views", help="Comma-separated views to keep, or 'all'.")
 _VOCAB = typer.Option(30000, "--vocab-size", help="WordPiece vocabulary size when training the tokenizer.")
 _OVERWRITE = typer.Option(
@@ -102,6 +102,70 @@ def chexpert(
             root, out, max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
             workers=workers, seed=seed, views=views, validate_fraction=validate_fraction, overwrite=overwrite,
             image_ext=image_ext, max_skipped_fraction=max_skipped_fraction,
+        )  # fmt: skip
+    except _errors() as e:
+        raise _fail(e) from e
+    typer.echo(s.line())
+
+
+@shard_app.command("nih")
+def nih(
+    root: Path = typer.Option(..., "--root", help="The NIH ChestX-ray14 folder (Data_Entry CSV, split lists, images/ or images_NNN/images/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    max_size: int = _MAX_SIZE,
+    quality: int = _QUALITY,
+    samples_per_tar: int | None = _SPT,
+    target_tar_mb: float = _TARGET,
+    workers: int | None = _WORKERS,
+    seed: int = _SEED,
+    views: str = _VIEWS,
+    validate_fraction: float | None = typer.Option(
+        None, "--validate-fraction", help="Share of train_val patients held out as validate [default: 0.1]."
+    ),
+    validate_list: Path | None = typer.Option(
+        None, "--validate-list", help="Images (first token per line) to hold out as validate instead of drawing patients."
+    ),
+    overwrite: bool = _OVERWRITE,
+    max_skipped_fraction: float = _MAX_SKIPPED,
+) -> None:
+    """NIH ChestX-ray14 -> shards (test_list.txt becomes test; validate held out of train_val by patient)."""
+    from cxrfast.shards.build import shard_nih
+
+    try:
+        s = shard_nih(
+            root, out, max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+            workers=workers, seed=seed, views=views, validate_fraction=validate_fraction, validate_list=validate_list,
+            overwrite=overwrite, max_skipped_fraction=max_skipped_fraction,
+        )  # fmt: skip
+    except _errors() as e:
+        raise _fail(e) from e
+    typer.echo(s.line())
+
+
+@shard_app.command("rsna")
+def rsna(
+    root: Path = typer.Option(..., "--root", help="The RSNA Pneumonia folder (stage_2_train_labels.csv, stage_2_train_images/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    max_size: int = _MAX_SIZE,
+    quality: int = _QUALITY,
+    samples_per_tar: int | None = _SPT,
+    target_tar_mb: float = _TARGET,
+    workers: int | None = _WORKERS,
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample order and the patient split (0: MGCA's split)."),
+    views: str = _VIEWS,
+    validate_fraction: float = typer.Option(0.15, "--validate-fraction", help="Share of patients in validate (MGCA: 0.15)."),
+    test_fraction: float = typer.Option(0.15, "--test-fraction", help="Share of patients in test (MGCA: 0.15)."),
+    overwrite: bool = _OVERWRITE,
+    max_skipped_fraction: float = _MAX_SKIPPED,
+) -> None:
+    """RSNA Pneumonia stage 2 -> shards (one sample per patient, label Target, boxes in the JSON)."""
+    from cxrfast.shards.build import shard_rsna
+
+    try:
+        s = shard_rsna(
+            root, out, max_size=max_size, quality=quality, samples_per_tar=samples_per_tar, target_tar_mb=target_tar_mb,
+            workers=workers, seed=seed, views=views, validate_fraction=validate_fraction, test_fraction=test_fraction,
+            overwrite=overwrite, max_skipped_fraction=max_skipped_fraction,
         )  # fmt: skip
     except _errors() as e:
         raise _fail(e) from e

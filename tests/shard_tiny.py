@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,17 @@ REPORTS = [
     "FINAL REPORT\n FINDINGS AND IMPRESSION: Left basilar opacity, possibly atelectasis.\n",
     "FINAL REPORT\n TECHNIQUE: AP portable\n FINDINGS: Stable support devices.\n Lines unchanged.\n",
 ]
+
+
+def tar_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of every tar in a shard folder: key -> {ext: bytes}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    return samples
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -130,3 +142,84 @@ def shard_tiny_mimic(raw: Path, out: Path, reports: Path | None = None, **kw):
     kw.setdefault("workers", 1)
     kw.setdefault("vocab_size", 200)
     return shard_mimic(raw, reports or raw / "mimic-cxr-reports.zip", out, **kw)
+
+
+#: NIH Data_Entry header as released (two names each span two columns; 2017: trailing comma).
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")  # fmt: skip
+#: Finding Labels of the tiny NIH tree, cycled over its images.
+NIH_FINDINGS = ["No Finding", "Effusion|Infiltration", "Cardiomegaly", "No Finding", "Pleural_Thickening|Hernia|Mass"]
+
+
+def make_tiny_nih(root: Path, *, patients: int = 6, layout: str = "flat", seed: int = 0) -> dict:
+    """An NIH ChestX-ray14 tree: 2 images per patient (PA then AP), 96x80 PNGs (the first image
+    RGBA, the second RGB, the third 16-bit), Data_Entry_2017.csv with trailing commas, the last two
+    patients in test_list.txt, one box on a test image. Returns {image name: Finding Labels}."""
+    rng = np.random.default_rng(seed)
+    lines, names, labels = [NIH_HEADER + ","], [], {}
+    for p in range(1, patients + 1):
+        for f in range(2):
+            name = f"{p:08d}_{f:03d}.png"
+            k = len(names)
+            folder = root / ("images" if layout == "flat" else f"images_{k % 3 + 1:03d}/images")
+            folder.mkdir(parents=True, exist_ok=True)
+            img = _image(rng, 96, 80)
+            if k == 0:
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGRA)
+            elif k == 1:
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+            elif k == 2:
+                img = img.astype(np.uint16) * 150 + 500
+            cv2.imwrite(str(folder / name), img)
+            labels[name] = NIH_FINDINGS[k % len(NIH_FINDINGS)]
+            lines.append(f"{name},{labels[name]},{f},{p},{30 + p},{'MF'[p % 2]},{'PA' if f == 0 else 'AP'},2500,2048,0.143,0.143,")
+            names.append(name)
+    (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+    test = names[-4:]
+    (root / "train_val_list.txt").write_text("".join(n + "\n" for n in names[:-4]))
+    (root / "test_list.txt").write_text("".join(n + "\n" for n in test))
+    boxed = next(n for n in test if "Mass" in labels[n] or "Effusion" in labels[n] or "Cardiomegaly" in labels[n])
+    finding = next(x for x in ("Mass", "Effusion", "Cardiomegaly") if x in labels[boxed])
+    (root / "BBox_List_2017.csv").write_text(
+        f"Image Index,Finding Label,Bbox [x,y,w,h],,,\n{boxed},{finding},10.5,20.25,30.0,40.0,,,\n"
+    )
+    return labels
+
+
+#: RSNA label CSV rows of the tiny tree: patient index -> boxes (x, y, width, height); [] = negative.
+RSNA_BOXES = {0: [(10.0, 12.0, 20.0, 30.0), (50.0, 14.0, 22.0, 28.0)], 1: [], 2: [(30.0, 30.0, 10.0, 12.0)], 3: []}
+#: The tiny tree's encodings, cycled over its patients (see cxrfast.synth.rsna.ENCODINGS).
+RSNA_ENCODINGS = ["jpeg8", "mono1_jpeg8", "window16", "voilut16"]
+
+
+def rsna_patient_id(i: int) -> str:
+    return f"{i:08x}-0000-4000-8000-{i:012x}"
+
+
+def make_tiny_rsna(root: Path, *, patients: int = 8, seed: int = 0) -> list[str]:
+    """An RSNA stage-2 tree: 96x96 DICOMs (encodings cycling through RSNA_ENCODINGS), the label CSV
+    with RSNA_BOXES cycled (several boxes for patient 0), the class CSV. Returns the patientIds."""
+    from cxrfast.synth.rsna import encode_dicom, rsna_dataset
+
+    rng = np.random.default_rng(seed)
+    (root / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+    labels, classes, ids = ["patientId,x,y,width,height,Target"], ["patientId,class"], []
+    for i in range(patients):
+        pid = rsna_patient_id(i)
+        ids.append(pid)
+        enc = RSNA_ENCODINGS[i % len(RSNA_ENCODINGS)]
+        img = _image(rng, 96, 96)
+        if enc.endswith("16"):
+            img = img.astype(np.uint16) * 12 + 300
+        ds = rsna_dataset(img, encoding=enc, patient_id=pid, view="PA" if i % 3 else "AP", sex="MF"[i % 2], age=20 + i)
+        (root / "stage_2_train_images" / f"{pid}.dcm").write_bytes(encode_dicom(ds))
+        boxes = RSNA_BOXES[i % len(RSNA_BOXES)]
+        for b in boxes:
+            labels.append(f"{pid},{b[0]},{b[1]},{b[2]},{b[3]},1")
+            classes.append(f"{pid},Lung Opacity")
+        if not boxes:
+            labels.append(f"{pid},,,,,0")
+            classes.append(f"{pid},{'Normal' if i % 2 else 'No Lung Opacity / Not Normal'}")
+    (root / "stage_2_train_labels.csv").write_text("\n".join(labels) + "\n")
+    (root / "stage_2_detailed_class_info.csv").write_text("\n".join(classes) + "\n")
+    return ids

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 from shard_tiny import make_tiny_chexpert, make_tiny_mimic
+from shard_tiny import tar_samples as _samples
 
 from cxrfast.shards.build import shard_chexpert, shard_mimic
 from cxrfast.shards.schema import (
@@ -27,17 +28,6 @@ from cxrfast.shards.schema import (
     SKIPPED,
     decode_member,
 )
-
-
-def _samples(out: Path) -> dict[str, dict[str, bytes]]:
-    """Every sample of every tar: key -> {ext: bytes}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(out.glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
-    return samples
 
 
 def _manifest(out: Path) -> dict:
