@@ -147,6 +147,12 @@ RECIPES: dict[str, Recipe] = {
         image_size=224,
         interpolation="bilinear",  # torchvision Resize's default (MRM utils/data_utils.py, MoCo-CXR base_dataset.py)
     ),
+    "pad_crop": Recipe(
+        name="pad_crop",
+        doc="MGCA classifier training: the mgca geometry (long side 256, zero pad, random crop 224) without text",
+        image_size=224,
+        interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py)
+    ),
     "resize_crop": Recipe(
         name="resize_crop",
         doc="MoCo-CXR classifier training: resize short side to the output size, random crop of that size, no flip",

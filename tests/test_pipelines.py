@@ -53,6 +53,7 @@ EXPECTED_IMAGES = {
     "moco": {"image": 320, "image2": 320},
     "eval": {"image": 224},
     "eval_pad": {"image": 224},
+    "pad_crop": {"image": 224},
     "eval_full": {"image": 224},
     "resize_crop": {"image": 320},
 }

@@ -114,12 +114,13 @@ def row_width(img: torch.Tensor, row: int) -> float:
 def test_mgca_and_eval_crop_sizes(plane_shards: Path, backend: str) -> None:
     """MGCA: long side 400 -> 256 (rows padded to 256), random 224 crop: the crop spans 224/256 of
     the width. eval: short side 300 -> 256, center 224 crop: 224/256 of the height both ways."""
-    mgca = build_loader(plane_shards, "train", "mgca", batch_size=4, backend=backend, device="cpu",
-                        num_threads=1, mean=0.0, std=1.0)
-    img = next(iter(mgca))["image"]
-    for i in range(4):
-        assert abs(row_width(img[i], 112) - W * 224 / 256) < 0.03 * W  # the middle row is never padding
-        assert (img[i, 0, :8] == 0).all() or (img[i, 0, -8:] == 0).all()  # zero padding above or below
+    for recipe in ("mgca", "pad_crop"):  # pad_crop: the same geometry without text
+        mgca = build_loader(plane_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+                            num_threads=1, mean=0.0, std=1.0)
+        img = next(iter(mgca))["image"]
+        for i in range(4):
+            assert abs(row_width(img[i], 112) - W * 224 / 256) < 0.03 * W  # the middle row is never padding
+            assert (img[i, 0, :8] == 0).all() or (img[i, 0, -8:] == 0).all()  # zero padding above or below
     ev = build_loader(plane_shards, "train", "eval", batch_size=4, backend=backend, device="cpu",
                       num_threads=1, mean=0.0, std=1.0)
     w, h = crop_size(next(iter(ev))["image"][0])
