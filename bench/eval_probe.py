@@ -9,11 +9,12 @@ their ratio, the end-to-end command times (the same metrics, plots and start-up 
 test mean AUCs with 95% patient bootstrap CIs. Target: >= 20x faster with each AUC inside the
 other's CI.
 
-    cxrfast bench eval                                    # CPU: tiny ViT, synthetic CheXpert
+    cxrfast bench eval                                    # CPU: timm ViT-Tiny at 96 px, synthetic CheXpert
+    cxrfast bench eval --arch mae_vit_tiny_test           # the registry's 64-px test ViT (seconds)
     cxrfast bench eval --shards shards/chexpert --encoder runs/mrm/encoder.safetensors --task chexpert5
 
-Without --shards a synthetic CheXpert is generated and sharded under OUT/cache; without --encoder
-the registry's tiny MAE ViT (64 px, seeded init) is exported there. Protocol (bench/common.py): one
+Without --shards a synthetic CheXpert (200 patients) is generated and sharded under OUT/cache;
+without --encoder timm's ViT-Tiny at 96 px (seeded random weights) is exported there. Protocol (bench/common.py): one
 untimed warm-up of the cached path (imports, compilation), then `--repeats` timed runs of each.
 """
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NAME = "eval_probe"
 TARGET_RATIO = 20.0
+REGISTRY_TINY = "mae_vit_tiny_test"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shards", type=Path, help="labelled shard folder (default: synthetic CheXpert under OUT/cache)")
     p.add_argument("--patients", type=int, default=200, help="synthetic CheXpert patients without --shards")
-    p.add_argument("--encoder", type=Path, help="encoder.safetensors (default: the tiny registry ViT, exported)")
+    p.add_argument("--encoder", type=Path, help="encoder.safetensors (default: exported under OUT/cache, see --arch)")
+    p.add_argument("--arch", default="vit_tiny_patch16_224",
+                   help=f"without --encoder: a timm architecture exported with seeded random weights at --img-size, "
+                   f"or {REGISTRY_TINY} (the registry's 64-px, 2-block test ViT)")  # fmt: skip
+    p.add_argument("--img-size", type=int, default=96, help="input side of --arch")
     p.add_argument("--task", default="chexpert5")
     p.add_argument("--protocol", default="mgca", help="evaluation protocol (its probe knobs; early stopping off)")
     p.add_argument("--epochs", type=int, default=50, help="head epochs of both probes")
@@ -56,12 +62,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_inputs(out: Path, patients: int, workers: int) -> tuple[Path, Path]:
-    """Cached synthetic CheXpert shards (all views, 128 px) and a tiny ViT export under out/cache."""
+def ensure_inputs(out: Path, patients: int, workers: int, arch: str, img_size: int) -> tuple[Path, Path]:
+    """Cached synthetic CheXpert shards (all views, 128 px) and an encoder export under out/cache: timm
+    `arch` at `img_size` with seeded random weights, or the registry's tiny test ViT."""
     import torch
 
     from cxrfast.models import build_model
-    from cxrfast.models.export import ENCODER_FILE, export_encoder
+    from cxrfast.models.export import ENCODER_FILE, export_encoder, write_encoder
     from cxrfast.shards.build import shard_chexpert
     from cxrfast.synth import make_chexpert
 
@@ -72,10 +79,22 @@ def ensure_inputs(out: Path, patients: int, workers: int) -> tuple[Path, Path]:
         shard_chexpert(root=cache / "raw" / "CheXpert-v1.0-small", out=shards, workers=workers, views="all",
                        max_size=128, validate_fraction=0.2, overwrite=True)  # fmt: skip
     open_shards(shards)
-    encoder = cache / "tiny_mae" / ENCODER_FILE
+    if arch == REGISTRY_TINY:
+        encoder = cache / "tiny_mae" / ENCODER_FILE
+        if not encoder.is_file():
+            torch.manual_seed(0)
+            export_encoder(build_model(REGISTRY_TINY), encoder.parent)
+        return shards, encoder
+    import timm
+
+    from cxrfast.methods.base import EncoderExport
+
+    encoder = cache / f"{arch}_{img_size}" / ENCODER_FILE
     if not encoder.is_file():
         torch.manual_seed(0)
-        export_encoder(build_model("mae_vit_tiny_test"), encoder.parent)
+        kwargs = {"in_chans": 1, "num_classes": 0, "img_size": img_size}
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        write_encoder(EncoderExport(arch=arch, kwargs=kwargs, state_dict=model.state_dict()), encoder)
     return shards, encoder
 
 
@@ -93,7 +112,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shards, encoder = (args.shards, args.encoder) if args.shards and args.encoder else (None, None)
     if shards is None:
-        syn_shards, syn_encoder = ensure_inputs(args.out, args.patients, args.workers)
+        syn_shards, syn_encoder = ensure_inputs(args.out, args.patients, args.workers, args.arch, args.img_size)
         shards, encoder = args.shards or syn_shards, args.encoder or syn_encoder
     spec = EncoderSpec(encoder=encoder)
     work = args.out / NAME

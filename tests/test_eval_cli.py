@@ -259,3 +259,15 @@ def test_probe_of_an_in_memory_encoder(eval_shards, tmp_path) -> None:
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npz"))
     assert cached == ["test", "train", "validate"]
     assert json.loads((tmp_path / "monitor" / "config.json").read_text())["encoder"]["identity"] == "key:run@epoch-1"
+
+
+@pytest.mark.slow
+def test_bench_eval_runs(eval_shards, tiny_encoder, tmp_path) -> None:
+    from cxrfast.bench import eval_probe
+
+    rc = eval_probe.main(["--shards", str(eval_shards), "--encoder", str(tiny_encoder), "--epochs", "2", "--workers", "1",
+                          "--out", str(tmp_path), "--no-results-row", "--set", "boot=200"])  # fmt: skip
+    assert rc == 0
+    res = json.loads((tmp_path / "eval_probe.json").read_text())
+    assert res["speedup"] > 0 and set(res["test_mean_auc"]) == {"cached", "per_epoch"}
+    assert (tmp_path / "eval_probe.png").stat().st_size > 0
