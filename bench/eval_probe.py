@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cxrfast.bench.common import BENCH_OUT
 from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DALI threads")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra protocol overrides for both probes")  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=BENCH_OUT)
     p.add_argument("--no-results-row", action="store_true", help="do not append to bench/RESULTS.md")
     return p.parse_args(argv)
 

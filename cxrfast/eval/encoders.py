@@ -4,8 +4,9 @@ Three sources (nothing is ever downloaded):
 - an exported `encoder.safetensors` (`cxrfast.models.export`): architecture from its metadata,
   any timm model (ViT or CNN); `init="random"` keeps the architecture and draws fresh weights;
 - `timm=ARCH, init="random"`: a timm architecture, random init, one input channel (the baseline);
-- `timm=ARCH, weights=FILE`: a local weights file loaded strictly (missing and unexpected keys are
-  listed), the classifier head's keys dropped.
+- `timm=ARCH, weights=FILE`: a local weights file (`cxrfast.models.init_weights`: an RGB stem summed
+  to one channel) that must fit strictly (missing and unexpected keys are listed), the classifier
+  head's keys dropped.
 
 `identity` names the weights for the feature cache: the sha256 of the file, or the architecture,
 its arguments and the seed of a random init.
@@ -117,55 +118,23 @@ def _create(arch: str, kwargs: dict[str, Any], seed: int) -> nn.Module:
         raise ValueError(f"timm cannot build {arch!r} with {kwargs}: {e}") from e
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from a torch file (unwrapping {'state_dict'|'model': ...})."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def load_weights(model: nn.Module, arch: str, path: Path) -> None:
+    """Load the local weights file `path` into the timm `model` (no classifier) through
+    `cxrfast.models.init_weights` (wrappers unwrapped, an RGB stem summed to one channel, a position
+    table of another grid resampled), then hold it to a strict fit: the classifier head's keys are
+    dropped, any other missing or unexpected key is a ValueError listing them."""
+    from cxrfast.models.init_weights import load_encoder_weights
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise ValueError(f"{path}: not a safetensors or torch weights file ({e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (optionally under 'state_dict' or 'model')")
-    return obj
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    """Load `state` strictly into `model` (no classifier), dropping the classifier head's keys;
-    ValueError listing missing and unexpected keys, or naming a 3-channel stem."""
+    report = load_encoder_weights(model, path)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     head = cfg.get("classifier")
     heads = [head] if isinstance(head, str) else list(head or [])
-    dropped = [k for k in state if any(k.startswith(h + ".") for h in heads)]
-    state = {k: v for k, v in state.items() if k not in dropped}
+    dropped = [k for k in report.unexpected if any(k.startswith(h + ".") for h in heads)]
+    unexpected = [k for k in report.unexpected if k not in dropped]
     if dropped:
         log.info("%s: dropped classifier keys %s (the probe trains its own head)", path, dropped)
-    stem = cfg.get("first_conv")
-    stem_key = f"{stem}.weight" if isinstance(stem, str) else None
-    if stem_key in state and stem_key in model.state_dict():
-        have, want = state[stem_key].shape, model.state_dict()[stem_key].shape
-        if len(have) == 4 and have[1] != want[1]:
-            raise ValueError(
-                f"{path}: stem {stem_key} takes {have[1]} input channels, the {arch} built here takes {want[1]}; "
-                "cxrfast encoders read single-channel X-rays: convert the stem to one channel (sum its RGB "
-                "filters) before evaluating"
-            )
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
-        raise ValueError(f"{path} does not fit {arch}: missing keys {missing}, unexpected keys {unexpected}, "
-                         f"shape mismatches {shapes}")  # fmt: skip
-    model.load_state_dict(state, strict=True)
+    if report.missing or unexpected:
+        raise ValueError(f"{path} does not fit {arch}: missing keys {report.missing}, unexpected keys {unexpected}")
 
 
 def load(spec: EncoderSpec) -> LoadedEncoder:
@@ -197,7 +166,9 @@ def load(spec: EncoderSpec) -> LoadedEncoder:
         mean = std = None
         if spec.weights is not None:
             path = Path(spec.weights)
-            load_weights(model, read_weights(path), arch, path)
+            if not path.is_file():
+                raise FileNotFoundError(f"weights file {path} does not exist (nothing is downloaded)")
+            load_weights(model, arch, path)
             ident = f"sha256:{file_sha256(path)}"
             name = path.stem
             source = {"kind": "timm", "arch": arch, "weights": str(path.resolve()), "timm_kwargs": kwargs}
