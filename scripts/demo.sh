@@ -2,7 +2,7 @@
 # The main job on a built-in default: set up, synthesize a small MIMIC-layout dataset, shard it,
 # inspect it, pre-train a tiny MRM model on it, then evaluate what it learned: a linear probe of
 # the pre-trained encoder against the same architecture with random weights, on a separate
-# synthetic CheXpert at three label fractions (CPU is enough; about 3 minutes on 2 cores).
+# synthetic CheXpert at three label fractions (CPU is enough; 3-4 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
