@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -55,8 +54,7 @@ def linprobe_cmd(
             raise ValueError(f"--timm-kwargs must be a JSON object, got {timm_kwargs!r}")
         spec = EncoderSpec(encoder=encoder, timm=timm, init=init, weights=weights, timm_kwargs=kwargs, init_seed=init_seed)
         proto = get_protocol(protocol, flags + list(overrides or []))
-        res = run_linprobe(spec, shards, task, proto, out, augment=augment, overwrite=overwrite,
-                           progress=sys.stderr.isatty())
+        res = run_linprobe(spec, shards, task, proto, out, augment=augment, overwrite=overwrite)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise _fail(e) from e
     typer.echo(results_table(res))

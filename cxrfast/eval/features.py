@@ -93,9 +93,8 @@ def frozen(model: nn.Module, device: torch.device):
 def extract(model: nn.Module, folder: ShardFolder, req: FeatureRequest, *, batch_size: int, num_threads: int,
             progress: bool = True) -> Features:  # fmt: skip
     """Run the frozen `model` over every sample of `req.split` (no shuffle, one rank)."""
-    from tqdm import tqdm
-
     from cxrfast.pipelines import build_loader
+    from cxrfast.progress import progress as reporter
 
     loader = build_loader(
         folder, req.split, req.recipe, batch_size=batch_size, backend=req.backend, device=req.device, seed=0,
@@ -107,8 +106,8 @@ def extract(model: nn.Module, folder: ShardFolder, req: FeatureRequest, *, batch
     chunks: list[torch.Tensor] = []
     t0 = time.perf_counter()
     total = folder.split_samples[req.split]
-    with frozen(model, device), torch.inference_mode(), tqdm(total=total, desc=f"features {req.split}",
-                                                             unit="img", disable=not progress, leave=False) as bar:
+    with frozen(model, device), torch.inference_mode(), reporter(f"features {req.split}", total, "img",
+                                                                 enabled=progress) as bar:
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=req.precision == "bf16"):
@@ -121,7 +120,8 @@ def extract(model: nn.Module, folder: ShardFolder, req: FeatureRequest, *, batch
         raise ValueError(f"{folder.manifest_path}: split {req.split!r} yielded {len(keys)} samples "
                          f"({len(set(keys))} distinct keys), the manifest lists {total}")  # fmt: skip
     dt = time.perf_counter() - t0
-    log.info("features %s: %d x %d in %.1f s (%.0f img/s)", req.split, *values.shape, dt, len(keys) / max(dt, 1e-9))
+    (log.debug if progress else log.info)("features %s: %d x %d in %.1f s (%.0f img/s)", req.split, *values.shape, dt,
+                                          len(keys) / max(dt, 1e-9))  # fmt: skip
     return Features(np.asarray(keys, dtype=str), values.astype(np.float32, copy=False))
 
 

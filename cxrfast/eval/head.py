@@ -206,7 +206,7 @@ def fit_head(k: ProbeKnobs, sched: Schedule, feed: TrainFeed, val: Callable[[], 
              *, dim: int, n_labels: int, seed: int, device: torch.device, progress: bool = False) -> FitResult:  # fmt: skip
     """Train a head for `sched.steps` steps (or until early stopping) and keep the best on validate."""
     refuse_test_selection(k.select_split, "probe.select_split")
-    from tqdm import tqdm
+    from cxrfast.progress import progress as reporter
 
     head = build_head(k, dim, n_labels, seed).to(device)
     opt = build_optimizer(k, head, sched.lr)
@@ -216,7 +216,9 @@ def fit_head(k: ProbeKnobs, sched: Schedule, feed: TrainFeed, val: Callable[[], 
     cosine = k.lr_schedule == "cosine"
     batches = feed.batches()
     head.train()
-    for step in tqdm(range(sched.steps), desc="head", unit="step", disable=not progress, leave=False):
+    bar = reporter("head", sched.steps, "step", enabled=progress and sched.steps >= 1000)  # short heads: one log line
+    for step in range(sched.steps):
+        bar.update()
         lr = sched.lr_at(step, cosine=cosine, min_lr=k.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -252,6 +254,7 @@ def fit_head(k: ProbeKnobs, sched: Schedule, feed: TrainFeed, val: Callable[[], 
                 break
     else:
         result.steps_run = sched.steps
+    bar.close()
     result.heads = [t[2] for t in ranked]
     result.selected = [t[3] for t in ranked]
     return result
