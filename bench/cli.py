@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "cxrfast.bench.train_throughput",
     "gpu": "cxrfast.bench.gpu_suite",
     "maxsize": "cxrfast.bench.max_size",
+    "eval": "cxrfast.bench.eval_probe",
 }
 
 

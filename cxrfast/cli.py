@@ -8,6 +8,7 @@ import logging
 import typer
 
 from cxrfast.bench.cli import bench_cmd
+from cxrfast.eval.cli import eval_app
 from cxrfast.shards.cli import inspect_cmd, shard_app
 from cxrfast.synth.cli import synth_app
 
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(synth_app, name="synth")
 app.add_typer(shard_app, name="shard")
 app.command("inspect")(inspect_cmd)
+app.add_typer(eval_app, name="eval")
 app.command(
     "bench",
     add_help_option=False,

@@ -135,6 +135,30 @@ RECIPES: dict[str, Recipe] = {
         image_size=224,
         interpolation="bilinear",
     ),
+    "eval_pad": Recipe(
+        name="eval_pad",
+        doc="evaluation (MGCA): long side 256 (for 224), zero pad to 256x256, center crop 224",
+        image_size=224,
+        interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py)
+    ),
+    "eval_full": Recipe(
+        name="eval_full",
+        doc="evaluation (MRM, MoCo-CXR): resize short side to the output size, center crop (no 256/224 margin)",
+        image_size=224,
+        interpolation="bilinear",  # torchvision Resize's default (MRM utils/data_utils.py, MoCo-CXR base_dataset.py)
+    ),
+    "pad_crop": Recipe(
+        name="pad_crop",
+        doc="MGCA classifier training: the mgca geometry (long side 256, zero pad, random crop 224) without text",
+        image_size=224,
+        interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py)
+    ),
+    "resize_crop": Recipe(
+        name="resize_crop",
+        doc="MoCo-CXR classifier training: resize short side to the output size, random crop of that size, no flip",
+        image_size=320,
+        interpolation="bilinear",  # torchvision Resize's default (MoCo-CXR dataset/base_dataset.py)
+    ),
 }
 
 

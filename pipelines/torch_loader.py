@@ -80,13 +80,16 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
             return {"image": view(img), "image2": view(img)}
 
         return moco
-    if r.name == "mgca":  # long side 256, zero pad (CenterCrop pads), random crop 224
+    if r.name in ("mgca", "pad_crop", "eval_pad"):  # long side 256, zero pad (CenterCrop pads), random or center crop
         canvas = presize(size)
+        crop = T.CenterCrop(size) if r.name == "eval_pad" else T.RandomCrop(size)
         mgca = T.Compose([T.Resize(None, max_size=canvas, interpolation=interp, antialias=True), T.CenterCrop(canvas),
-                          T.RandomCrop(size), tensor])
+                          crop, tensor])
         return lambda img: {"image": mgca(img)}
-    if r.name == "eval":
-        ev = T.Compose([T.Resize(presize(size), interpolation=interp, antialias=True), T.CenterCrop(size), tensor])
+    if r.name in ("eval", "eval_full", "resize_crop"):  # short side to 256 (eval) or to the output size, then crop
+        short = presize(size) if r.name == "eval" else size
+        crop = T.RandomCrop(size) if r.name == "resize_crop" else T.CenterCrop(size)
+        ev = T.Compose([T.Resize(short, interpolation=interp, antialias=True), crop, tensor])
         return lambda img: {"image": ev(img)}
     raise ValueError(f"recipe {r.name!r} has no torchvision transform")
 

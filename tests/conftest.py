@@ -132,3 +132,34 @@ def rsna_shards(rsna_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("rsna_shards") / "rsna"
     shard_rsna(rsna_raw, out, samples_per_tar=4, workers=2)
     return out
+
+
+#: The evaluation tests' CheXpert: enough patients that validate and test hold several of them.
+EVAL_PATIENTS = 60
+
+
+@pytest.fixture(scope="session")
+def eval_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic CheXpert with frontal and lateral views, 128-px images, 20% of train patients held
+    out as validate (about 38 train / 10 validate / 12 test patients)."""
+    from cxrfast.shards.build import shard_chexpert
+    from cxrfast.synth import make_chexpert
+
+    raw = tmp_path_factory.mktemp("eval_raw")
+    make_chexpert(raw, patients=EVAL_PATIENTS, seed=0, workers=2)
+    out = tmp_path_factory.mktemp("eval_shards") / "chexpert"
+    shard_chexpert(root=raw / "CheXpert-v1.0-small", out=out, samples_per_tar=64, workers=2, views="all",
+                   max_size=128, validate_fraction=0.2)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported encoder.safetensors of the registry's tiny MAE ViT (64 px, seeded random weights)."""
+    import torch
+
+    from cxrfast.models import build_model
+    from cxrfast.models.export import export_encoder
+
+    torch.manual_seed(0)
+    return export_encoder(build_model("mae_vit_tiny_test"), tmp_path_factory.mktemp("tiny_run") / "tiny_mae")

@@ -52,6 +52,10 @@ EXPECTED_IMAGES = {
     "mgca": {"image": 224},
     "moco": {"image": 320, "image2": 320},
     "eval": {"image": 224},
+    "eval_pad": {"image": 224},
+    "pad_crop": {"image": 224},
+    "eval_full": {"image": 224},
+    "resize_crop": {"image": 320},
 }
 EXPECTED_TEXT = {"mrm": 100, "mgca": 112}
 

@@ -114,16 +114,40 @@ def row_width(img: torch.Tensor, row: int) -> float:
 def test_mgca_and_eval_crop_sizes(plane_shards: Path, backend: str) -> None:
     """MGCA: long side 400 -> 256 (rows padded to 256), random 224 crop: the crop spans 224/256 of
     the width. eval: short side 300 -> 256, center 224 crop: 224/256 of the height both ways."""
-    mgca = build_loader(plane_shards, "train", "mgca", batch_size=4, backend=backend, device="cpu",
-                        num_threads=1, mean=0.0, std=1.0)
-    img = next(iter(mgca))["image"]
-    for i in range(4):
-        assert abs(row_width(img[i], 112) - W * 224 / 256) < 0.03 * W  # the middle row is never padding
-        assert (img[i, 0, :8] == 0).all() or (img[i, 0, -8:] == 0).all()  # zero padding above or below
+    for recipe in ("mgca", "pad_crop"):  # pad_crop: the same geometry without text
+        mgca = build_loader(plane_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+                            num_threads=1, mean=0.0, std=1.0)
+        img = next(iter(mgca))["image"]
+        for i in range(4):
+            assert abs(row_width(img[i], 112) - W * 224 / 256) < 0.03 * W  # the middle row is never padding
+            assert (img[i, 0, :8] == 0).all() or (img[i, 0, -8:] == 0).all()  # zero padding above or below
     ev = build_loader(plane_shards, "train", "eval", batch_size=4, backend=backend, device="cpu",
                       num_threads=1, mean=0.0, std=1.0)
     w, h = crop_size(next(iter(ev))["image"][0])
     assert abs(w - H * 224 / 256) < 0.03 * W and abs(h - H * 224 / 256) < 0.03 * H
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_evaluation_crop_geometries(plane_shards: Path, backend: str) -> None:
+    """eval_pad (MGCA test): long side 400 -> 256, rows padded, center 224: 224/256 of the width, padding
+    above and below. eval_full (MRM, MoCo-CXR test): short side 300 -> 224, center 224: the full height.
+    resize_crop: the same scale as eval_full at a random horizontal position."""
+    def images(recipe: str, seed: int = 0) -> torch.Tensor:
+        loader = build_loader(plane_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+                              num_threads=1, mean=0.0, std=1.0, image_size=224, seed=seed)
+        return next(iter(loader))["image"]
+
+    pad = images("eval_pad")
+    assert abs(row_width(pad[0], 112) - W * 224 / 256) < 0.03 * W
+    assert (pad[:, 0, :8] == 0).all() and (pad[:, 0, -8:] == 0).all()  # centered: zero rows on both sides
+    w, h = crop_size(images("eval_full")[0])
+    assert abs(h - H) < 0.03 * H and abs(w - H) < 0.03 * W
+    rc = images("resize_crop", seed=5)
+    for i in range(4):
+        w, h = crop_size(rc[i])
+        assert abs(h - H) < 0.03 * H and abs(w - H) < 0.03 * W
+    offsets = {round(float(rc[i, 0, 112, 112]), 2) for i in range(4)}  # the center pixel moves with the crop
+    assert len(offsets) > 1
 
 
 @pytest.fixture(scope="module")
