@@ -80,10 +80,11 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
             return {"image": view(img), "image2": view(img)}
 
         return moco
-    if r.name == "mgca":  # long side 256, zero pad (CenterCrop pads), random crop 224
+    if r.name in ("mgca", "mgca_eval"):  # long side 256, zero pad (CenterCrop pads), random (eval: center) crop 224
         canvas = presize(size)
+        crop = T.RandomCrop(size) if r.name == "mgca" else T.CenterCrop(size)
         mgca = T.Compose([T.Resize(None, max_size=canvas, interpolation=interp, antialias=True), T.CenterCrop(canvas),
-                          T.RandomCrop(size), tensor])
+                          crop, tensor])
         return lambda img: {"image": mgca(img)}
     if r.name == "eval":
         ev = T.Compose([T.Resize(presize(size), interpolation=interp, antialias=True), T.CenterCrop(size), tensor])

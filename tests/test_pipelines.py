@@ -50,10 +50,11 @@ EXPECTED_IMAGES = {
     "mae": {"image": 224},
     "mrm": {"image": 224, "target": 448},
     "mgca": {"image": 224},
+    "mgca_eval": {"image": 224},
     "moco": {"image": 320, "image2": 320},
     "eval": {"image": 224},
 }
-EXPECTED_TEXT = {"mrm": 100, "mgca": 112}
+EXPECTED_TEXT = {"mrm": 100, "mgca": 112, "mgca_eval": 112}
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
