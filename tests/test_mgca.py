@@ -135,6 +135,15 @@ def test_prototypes_renormalised_after_optimizer_step(method: MGCA):
     torch.testing.assert_close(method.prototypes.weight.norm(dim=1), torch.ones(method.cfg.num_prototypes))
 
 
+def test_low_precision_prototypes_without_a_reachable_master_are_refused(mimic_shards: Path):
+    """bf16 weights whose fp32 master DeepSpeed does not expose (its ZeRO-0 bf16 optimizer; here a
+    plain bf16 module) cannot be renormalised where it matters: a clear error at the start."""
+    torch.manual_seed(0)
+    m = build_method(tiny_cfg(), open_shards(mimic_shards)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="use train.zero_stage=1 or 2"):
+        m.on_train_start(ctx())
+
+
 def test_data_requests(method: MGCA):
     train, val = method.data_request("train"), method.data_request("validate")
     assert (train.augmentation, val.augmentation) == ("mgca", "mgca_eval")
@@ -240,3 +249,71 @@ def test_missing_or_incomplete_text_model_folder(mimic_shards: Path, bert_folder
 def test_shards_without_reports_are_refused(chexpert_shards: Path):
     with pytest.raises(ValueError, match="method 'mgca' needs report token ids"):
         build_method(tiny_cfg(), open_shards(chexpert_shards))
+
+
+# --- prototypes under DeepSpeed ----------------------------------------------------------------
+def _deepspeed_rank(rank: int, world: int, port: int, shards: str, stage: int, out: str) -> None:
+    """One rank of a bf16 DeepSpeed engine around tiny MGCA; records the prototypes' fp32 master rows' norms."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    m = build_method(tiny_cfg(), open_shards(shards))
+    with torch.no_grad():
+        m.prototypes.weight.mul_(2.0)  # far from unit norm at the start
+    opt = torch.optim.AdamW(m.param_groups(0.05), lr=1e-2)
+    ds = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "train_batch_size": 3 * world,
+          "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}}
+    engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=ds)
+    for name, buf in m.named_buffers():  # what the trainer does: fp32 only under fp32_names()
+        if buf.is_floating_point() and not name.startswith(m.fp32_names()):
+            buf.data = buf.data.to(torch.bfloat16)
+    w = m.prototypes.weight
+    norms = {}
+    m.on_train_start(ctx(0))
+    norms["start"] = safe_get_full_fp32_param(w).norm(dim=1)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch_for(m, seed=rank).items()}
+    for epoch in (0, 1):
+        m.on_epoch_start(ctx(epoch))
+        before = safe_get_full_fp32_param(w).clone()
+        engine.backward(engine(batch)["loss"])
+        engine.step()
+        m.after_optimizer_step(ctx(epoch))
+        master = safe_get_full_fp32_param(w)
+        norms[f"epoch{epoch}"] = master.norm(dim=1)
+        norms[f"moved{epoch}"] = (master - before).abs().max()
+        norms[f"module{epoch}"] = (w.float() - master).abs().max()
+    if rank == 0:
+        torch.save(norms, out)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_prototypes_unit_norm_in_the_fp32_master_weights(mimic_shards: Path, tmp_path: Path):
+    """bf16 DeepSpeed ZeRO-2 on 2 gloo ranks (the prototype rows partitioned over the ranks): the
+    optimizer's fp32 copy of the prototypes is unit-norm after every step (an edit of the module's
+    bf16 weight alone would be overwritten by it at the next step), it does not move in the frozen
+    first epoch, and it moves afterwards."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "norms.pt"
+    mp.start_processes(_deepspeed_rank, args=(2, port, str(mimic_shards), 2, str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    norms = torch.load(out)
+    ones = torch.ones(20)
+    for key in ("start", "epoch0", "epoch1"):
+        torch.testing.assert_close(norms[key], ones, rtol=0, atol=1e-5, msg=key)
+    assert norms["moved0"] < 1e-5 < norms["moved1"]
+    assert norms["module0"] < 1e-2 and norms["module1"] < 1e-2  # the module holds the bf16 rounding of it

@@ -276,13 +276,22 @@ class MGCA(Method):
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
-        """Unit-norm prototype rows, in the optimizer's fp32 master copy (DeepSpeed ZeRO 0-2 with
-        bf16, or ZeRO 1-2: `safe_get/set_full_fp32_param`, a collective every rank calls) and in
-        the module's weight (which the forward reads)."""
+        """Unit-norm prototype rows, in the optimizer's fp32 master copy and in the module's weight
+        (which the forward reads). DeepSpeed exposes the master copy (`safe_get/set_full_fp32_param`,
+        a collective every rank calls) under ZeRO stages 1 and 2; under ZeRO-0 with bf16/fp16 it
+        keeps one it does not expose, so that combination is refused (ValueError) rather than
+        normalising a copy the next optimizer step overwrites. In fp32 without ZeRO the weight is
+        its own master."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         weight = self.prototypes.weight
         master = safe_get_full_fp32_param(weight)
+        if master is None and weight.dtype != torch.float32:
+            raise ValueError(
+                f"method mgca renormalises its prototypes in the optimizer's fp32 master weights, which DeepSpeed "
+                f"exposes under ZeRO stages 1 and 2 only; with {weight.dtype} parameters use train.zero_stage=1 or 2 "
+                "(one GPU included), or train.precision=fp32"
+            )
         unit = F.normalize((weight if master is None else master).float(), dim=1)
         if master is not None:
             safe_set_full_fp32_param(weight, unit)
