@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
-from cxrfast.models.mgca import ImageEncoder, Projection, ReportEncoder
+from cxrfast.models.mgca import BatchNormFP32, ImageEncoder, Projection, ReportEncoder
 from cxrfast.models.mgca_losses import clipped_weights, instance_loss, local_loss, prototype_loss, sinkhorn
 from cxrfast.shards.folder import ShardFolder
 
@@ -184,11 +184,22 @@ class MGCA(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """batch: image [B, 1, S, S], ids / attention_mask [B, text_len] -> total loss and its parts."""
+        return self.losses(batch, collective=True)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The losses with this rank's samples only (Sinkhorn and negatives): the trainer's validation
+        batches need not line up across ranks (the last ones differ in size or count), so no collective."""
+        return self.losses(batch, collective=False)
+
+    def losses(self, batch: dict[str, Any], *, collective: bool) -> dict[str, torch.Tensor]:
+        """The three losses; `collective`: Sinkhorn over all ranks' samples (and gathered negatives
+        when `gather_negatives`), which needs every rank to call this with equal batch sizes."""
         c = self.cfg
         images, ids, mask = batch["image"], batch["ids"], batch["attention_mask"]
         valid = mask[:, 0] > 0  # the sample has report text
         rank, world = _world()
-        distributed = world > 1
+        distributed = collective and world > 1
 
         tokens, patch_attn = self.image(images)
         img = F.normalize(self.img_global(tokens[:, 0]), dim=-1)  # [B, E] fp32
@@ -255,7 +266,8 @@ class MGCA(Method):
         return set() if self.cfg.decay_all else super().no_weight_decay()
 
     def fp32_names(self) -> tuple[str, ...]:
-        return ("img_global", "img_local", "txt_global", "txt_local")  # BatchNorm running statistics
+        """The projection heads' BatchNorm running statistics (their affine parameters are trainable)."""
+        return tuple(f"{n}.running_" for n, m in self.named_modules() if isinstance(m, BatchNormFP32))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image.grad_checkpointing = enable
