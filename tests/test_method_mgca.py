@@ -115,6 +115,25 @@ def test_forward_parts_backward_and_prototype_freeze(method: MGCA):
     method.zero_grad()
 
 
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(method: MGCA):
+    batch = batch_for(method)
+    method.train()
+    method.on_epoch_start(ctx(1))
+    results = []
+    for enable in (False, True):
+        method.set_grad_checkpointing(enable)
+        method.zero_grad()
+        torch.manual_seed(3)  # BERT's dropout: checkpointing replays the same random state
+        loss = method(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), method.image.vit.blocks[0].attn.qkv.weight.grad.clone(),
+                        method.text.bert.encoder.layer[0].attention.self.query.weight.grad.clone()))
+    method.set_grad_checkpointing(False)
+    method.zero_grad()
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_sample_without_text_changes_no_loss(method: MGCA):
     """The batch with a sample without text gives the losses of the batch without it (BatchNorm
     in eval mode, so the statistics do not depend on the batch)."""

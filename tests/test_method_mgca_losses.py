@@ -175,37 +175,58 @@ def test_sinkhorn_and_prototype_loss_match_reference():
                                ref_proto(img_s[valid], txt_s[valid], img_c[valid], txt_c[valid], 0.2), **TOL)
 
 
-def _sinkhorn_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _two_ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: Sinkhorn on its 4 of the 8 samples, and the instance loss with negatives
+    gathered from both ranks (its gradient through the gather)."""
     import torch.distributed as dist
+
+    from cxrfast.methods.mgca import _gather
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        scores, valids = torch.load(Path(out_dir) / "inputs.pt")
+        scores, valids, img, txt = torch.load(Path(out_dir) / "inputs.pt")
         part = slice(rank * 4, (rank + 1) * 4)
         codes = [sinkhorn(scores[part], v[part], epsilon=0.05, iterations=3, distributed=True) for v in valids]
-        torch.save(codes, Path(out_dir) / f"codes{rank}.pt")
+        img = img[part].clone().requires_grad_(True)
+        valid = valids[1][part]
+        loss = instance_loss(img, txt[part], valid, temperature=0.1, img_all=_gather(img, True),
+                             txt_all=_gather(txt[part], True), valid_all=_gather(valid, False), offset=rank * 4)
+        loss.backward()
+        torch.save((codes, loss.detach(), img.grad), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_sinkhorn_equals_single_process_on_concatenation():
-    """Two gloo ranks with 4 samples each give the codes of one process on all 8; with a sample
-    without text on one rank, the codes of the 7 others."""
+def test_two_ranks_equal_one_process_on_the_concatenation():
+    """Two gloo ranks with 4 samples each: the Sinkhorn codes of one process on all 8 (with a
+    sample without text on one rank, the codes of the 7 others); with gathered negatives, each
+    rank's instance loss and its image gradient (summed over ranks through the gather) as one
+    process computes them on the 8."""
     import torch.multiprocessing as mp
 
     protos, emb = unit(13, 8, seed=14), unit(8, 8, seed=15)
     scores = emb @ protos.t()
     valids = [torch.ones(8, dtype=torch.bool), torch.tensor([1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)]
+    img, txt = unit(8, 6, seed=16), unit(8, 6, seed=17)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save((scores, valids), Path(tmp) / "inputs.pt")
-        mp.start_processes(_sinkhorn_rank, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True,
+        torch.save((scores, valids, img, txt), Path(tmp) / "inputs.pt")
+        mp.start_processes(_two_ranks, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True,
                            start_method="spawn")
-        parts = [torch.load(Path(tmp) / f"codes{r}.pt") for r in range(2)]
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(2)]
     for case, valid in enumerate(valids):
-        got = torch.cat([parts[0][case], parts[1][case]])
+        got = torch.cat([ranks[0][0][case], ranks[1][0][case]])
         want = torch.zeros(8, 13)
         want[valid] = ref_sinkhorn(scores[valid], 0.05, 3)
         torch.testing.assert_close(got, want, **TOL)
+    valid = valids[1]
+    ref_img = img.clone().requires_grad_(True)
+    losses = [instance_loss(ref_img[r * 4:(r + 1) * 4], txt[r * 4:(r + 1) * 4], valid[r * 4:(r + 1) * 4],
+                            temperature=0.1, img_all=ref_img, txt_all=txt, valid_all=valid, offset=r * 4)
+              for r in range(2)]
+    sum(losses).backward()
+    for r in range(2):
+        torch.testing.assert_close(ranks[r][1], losses[r].detach(), **TOL)
+        torch.testing.assert_close(ranks[r][2], ref_img.grad[r * 4:(r + 1) * 4], **TOL)
 
 
 # --- word-piece aggregation --------------------------------------------------------------------

@@ -147,6 +147,9 @@ class MGCA(Method):
         assert isinstance(cfg, MGCAMethodConfig)
         shards.require_text(f"method {cls.name!r}")
         special = shards.special_ids
+        if "sep" not in special:
+            raise ValueError(f"{shards.manifest_path}: the shards' tokenizer has no [SEP]; MGCA's word aggregation "
+                             "ends each report at [SEP] (use a BERT tokenizer, e.g. `cxrfast shard mimic --tokenizer`)")
         vocab_size = int(shards.tokenizer_info["vocab_size"])
         if cfg.text_model is not None:
             path = check_text_folder(Path(cfg.text_model))
