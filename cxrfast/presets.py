@@ -14,9 +14,10 @@
   0.085585. The published runs start from ImageNet: pass a local weights file with
   `method.init=PATH` (timm or torchvision resnet18/resnet50/densenet121; nothing is downloaded).
   On N ranks keep the global batch at 16 (`batch_size=16/N`) or change `queue_size` with it.
-- MGCA (Wang et al., NeurIPS 2022; HKU-MedAI/MGCA mgca_module.py): ViT-B/16 + 6-layer BERT, 112
-  tokens, embeddings 128, T 0.07 / 0.1 / 0.2, 500 prototypes (Sinkhorn 3 iterations, eps 0.05,
-  frozen for the first epoch), AdamW lr 2e-5 betas (0.9, 0.999) wd 0.05 on every parameter,
+- MGCA (Wang et al., NeurIPS 2022; HKU-MedAI/MGCA mgca_module.py): ViT-B/16 + 6-layer BERT on
+  MGCA's caption (impression + findings as words), 112 tokens, embeddings 128, T 0.07 / 0.1 / 0.2,
+  500 prototypes (Sinkhorn 3 iterations, eps 0.05, frozen for the first epoch), AdamW lr 2e-5
+  betas (0.9, 0.999) wd 0.05 on every parameter,
   warmup 40% of the steps (20 of 50 epochs) then cosine to 1e-8, 2 GPUs x 72 = global batch 144,
   validation loss every epoch, early stop after 5 without improvement, the best epoch exported.
   The published run starts from DeiT-B and Bio_ClinicalBERT: `method.init=DEIT_FILE

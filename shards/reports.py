@@ -212,11 +212,16 @@ class Report:
     text: str | None
     #: the whole report, whitespace collapsed (MRM trains on it)
     full: str
+    #: MGCA's caption (`mgca_caption`); None when MGCA leaves the study out
+    mgca: str | None = None
 
     def texts(self) -> dict[str, str]:
-        """The texts the shards tokenize, by their name in `schema.TEXTS`."""
+        """The texts the shards tokenize, by their name in `schema.TEXTS` (an optional one only when it exists)."""
         assert self.text is not None
-        return {"findings_impression": self.text, "report": self.full}
+        out = {"findings_impression": self.text, "report": self.full}
+        if self.mgca is not None:
+            out["mgca_caption"] = self.mgca
+        return out
 
 
 def parse_report(raw: str | None) -> Report | None:
@@ -225,4 +230,4 @@ def parse_report(raw: str | None) -> Report | None:
         return None
     sections = split_sections(raw)
     text = training_text(sections)
-    return Report(sections, text, normalize_spaces(raw)) if text else None
+    return Report(sections, text, normalize_spaces(raw), mgca_caption(sections)) if text else None

@@ -166,6 +166,7 @@ def test_low_precision_prototypes_without_a_reachable_master_are_refused(mimic_s
 def test_data_requests(method: MGCA):
     train, val = method.data_request("train"), method.data_request("validate")
     assert (train.augmentation, val.augmentation) == ("mgca", "mgca_eval")
+    assert train.text == val.text == "mgca_caption"  # the published caption by default
     assert train.text_len == val.text_len == 112 and train.image_size == 64
     assert (train.mean, train.std) == (0.5, 0.5)
 
@@ -268,3 +269,38 @@ def test_missing_or_incomplete_text_model_folder(mimic_shards: Path, bert_folder
 def test_shards_without_reports_are_refused(chexpert_shards: Path):
     with pytest.raises(ValueError, match="method 'mgca' needs report token ids"):
         build_method(tiny_cfg(), open_shards(chexpert_shards))
+
+
+def test_shards_without_the_chosen_text_are_refused(mimic_shards: Path, tmp_path: Path):
+    """Shards written before MGCA's caption was stored: a clear error, or the findings + impression text."""
+    old = tmp_path / "old"
+    shutil.copytree(mimic_shards, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["tokenizer"]["texts"] = ["findings_impression", "report"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"'mgca_caption' report text \(mgca.ids.i32\).*re-shard"):
+        build_method(tiny_cfg(), open_shards(old))
+    m = build_method(tiny_cfg(text="findings_impression"), open_shards(old))
+    assert m.data_request("train").text == "findings_impression"
+
+
+def test_image_encoder_starts_from_a_deit_file(mimic_shards: Path, tmp_path: Path):
+    """A DeiT-style file ({"model": ...}, RGB patch embedding, classifier head): the ViT gets its
+    tensors with the patch embedding summed over RGB; a file that lacks encoder tensors is an error."""
+    import timm
+
+    from cxrfast.models.mgca import image_encoder_kwargs
+
+    name, kwargs = image_encoder_kwargs("vit_tiny_test")
+    torch.manual_seed(5)
+    rgb = timm.create_model(name, pretrained=False, **{**kwargs, "in_chans": 3, "num_classes": 10})
+    sd = rgb.state_dict()
+    torch.save({"model": sd}, tmp_path / "deit.pth")
+    m = build_method(tiny_cfg(init=str(tmp_path / "deit.pth")), open_shards(mimic_shards))
+    vit = m.image.vit.state_dict()
+    torch.testing.assert_close(vit["patch_embed.proj.weight"], sd["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
+    torch.testing.assert_close(vit["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
+    del sd["blocks.1.mlp.fc2.weight"]
+    torch.save({"model": sd}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"lacks 1 tensors.*blocks.1.mlp.fc2.weight"):
+        build_method(tiny_cfg(init=str(tmp_path / "partial.pth")), open_shards(mimic_shards))

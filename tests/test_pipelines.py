@@ -104,7 +104,8 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 @pytest.mark.parametrize(
     ("shards", "text"),
-    [("mimic_shards", "findings_impression"), ("mimic_shards", "report"), ("mimic_shards_mrm_tokenizer", "report")],
+    [("mimic_shards", "findings_impression"), ("mimic_shards", "report"), ("mimic_shards", "mgca_caption"),
+     ("mimic_shards_mrm_tokenizer", "report")],
 )
 def test_labels_and_ids_match_tar_contents(shards: str, text: str, backend: str, request: pytest.FixtureRequest) -> None:
     """Every sample of the split once, with its own labels and the ids of the chosen report text,

@@ -10,8 +10,11 @@
 Loss = lambda_instance * instance + lambda_local * (word + patch) + lambda_proto * prototype.
 
 Batches: the `mgca` augmentation for training (long side 256, zero pad, random crop 224) and
-`mgca_eval` for validation (center crop), with the report ids padded to 112. A sample without
-report text takes part in no loss (see `cxrfast.models.mgca_losses`).
+`mgca_eval` for validation (center crop), with the report ids padded to 112. The text is MGCA's
+caption as the shards store it (`method.text=mgca_caption`: impression + findings as lower-case
+words, `cxrfast.shards.reports.mgca_caption`); `findings_impression` and `report` are the
+alternatives. A sample without that text (no report, or a caption MGCA leaves out) takes part in
+no loss (see `cxrfast.models.mgca_losses`): the published code drops such studies from its dataset.
 
 Prototypes are renormalised to unit rows after every optimizer step on the fp32 master weights
 the optimizer holds (the published code renormalises the module's weight at each forward; under
@@ -36,6 +39,7 @@ from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfi
 from cxrfast.models.mgca import BatchNormFP32, ImageEncoder, Projection, ReportEncoder
 from cxrfast.models.mgca_losses import clipped_weights, instance_loss, local_loss, prototype_loss, sinkhorn
 from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.schema import TEXTS
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class MGCAMethodConfig(MethodConfig):
     text_heads: int = 12  # random init only: attention heads
     text_intermediate: int = 3072  # random init only: FFN width
     text_max_positions: int = 512  # random init only: position embeddings
+    text: str = "mgca_caption"  # report text (cxrfast.shards.schema.TEXTS): MGCA's caption; findings_impression, report
     text_len: int = 112  # report tokens per sample (padded / truncated)
     emb_dim: int = 128  # width of the global and local embeddings
     proj_hidden: int = 2048  # hidden width of the projection heads
@@ -93,6 +98,8 @@ class MGCAMethodConfig(MethodConfig):
             raise ValueError("method.lambda_instance, lambda_local and lambda_proto must be >= 0")
         if self.pixel_norm not in PIXEL_NORMS:
             raise ValueError(f"method.pixel_norm must be one of {PIXEL_NORMS}, got {self.pixel_norm!r}")
+        if self.text not in TEXTS:
+            raise ValueError(f"method.text must be one of {sorted(TEXTS)}, got {self.text!r}")
 
 
 def _world() -> tuple[int, int]:
@@ -145,7 +152,7 @@ class MGCA(Method):
         from cxrfast.models.text_encoder import wordpiece_continuation
 
         assert isinstance(cfg, MGCAMethodConfig)
-        shards.require_text(f"method {cls.name!r}")
+        shards.require_text(f"method {cls.name!r}", cfg.text)
         special = shards.special_ids
         if "sep" not in special:
             raise ValueError(f"{shards.manifest_path}: the shards' tokenizer has no [SEP]; MGCA's word aggregation "
@@ -174,16 +181,21 @@ class MGCA(Method):
         return method
 
     def load_image_init(self, path: Path) -> None:
-        """Start the ViT from a local timm/DeiT weights file (RGB patch embedding summed to 1 channel)."""
-        from cxrfast.models.init_weights import load_vit_init
+        """Start the ViT from a local timm/DeiT weights file (`cxrfast.models.init_weights`: the RGB
+        patch embedding summed to one channel, another grid's position table resampled; the
+        classifier head of the file is reported as unexpected). A ViT tensor the file lacks is an error."""
+        from cxrfast.models.init_weights import load_encoder_weights
 
-        load_vit_init(self.image.vit, path)
+        report = load_encoder_weights(self.image.vit, path)
+        if report.missing:
+            raise ValueError(f"method.init={path}: the file lacks {len(report.missing)} tensors of the "
+                             f"{self.image.timm_name} encoder ({', '.join(report.missing[:6])}); is it a ViT of this size?")
 
     # --- contract -------------------------------------------------------------------------
     def data_request(self, split: str) -> DataRequest:
         return DataRequest(augmentation="mgca" if split == "train" else "mgca_eval",
                            image_size=int(self.image.timm_kwargs["img_size"]), mean=self.mean, std=self.std,
-                           text_len=self.cfg.text_len)
+                           text_len=self.cfg.text_len, text=self.cfg.text)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """batch: image [B, 1, S, S], ids / attention_mask [B, text_len] -> total loss and its parts."""
