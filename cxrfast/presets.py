@@ -14,7 +14,15 @@
   0.085585. The published runs start from ImageNet: pass a local weights file with
   `method.init=PATH` (timm or torchvision resnet18/resnet50/densenet121; nothing is downloaded).
   On N ranks keep the global batch at 16 (`batch_size=16/N`) or change `queue_size` with it.
-- tiny_mae / tiny_mrm / tiny_moco: test-sized runs for CPU tests and the README demo.
+- MGCA (Wang et al., NeurIPS 2022; HKU-MedAI/MGCA mgca_module.py): ViT-B/16 + 6-layer BERT on
+  MGCA's caption (impression + findings as words), 112 tokens, embeddings 128, T 0.07 / 0.1 / 0.2,
+  500 prototypes (Sinkhorn 3 iterations, eps 0.05, frozen for the first epoch), AdamW lr 2e-5
+  betas (0.9, 0.999) wd 0.05 on every parameter,
+  warmup 40% of the steps (20 of 50 epochs) then cosine to 1e-8, 2 GPUs x 72 = global batch 144,
+  validation loss every epoch, early stop after 5 without improvement, the best epoch exported.
+  The published run starts from DeiT-B and Bio_ClinicalBERT: `method.init=DEIT_FILE
+  method.text_model=BIO_CLINICALBERT_FOLDER` (shards built with `--tokenizer` that folder).
+- tiny_mae / tiny_mrm / tiny_moco / tiny_mgca: test-sized runs for CPU tests and the README demo.
 
 `lr = blr * global batch / 256` is resolved at start-up, once the world size is known.
 """
@@ -25,6 +33,7 @@ import copy
 
 from cxrfast.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from cxrfast.methods.mae import MAEMethodConfig
+from cxrfast.methods.mgca import MGCAMethodConfig
 from cxrfast.methods.moco import MoCoMethodConfig
 from cxrfast.methods.mrm import MRMMethodConfig
 
@@ -42,6 +51,8 @@ def _moco_cxr(name: str, arch: str) -> RunConfig:
 
 _TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
 _TINY_TRAIN = dict(batch_size=4, log_every=2, ckpt_every_epochs=0)
+_MGCA_OPTIM = dict(name="adamw", lr=2e-5, weight_decay=0.05, betas=(0.9, 0.999), schedule="warmup_cosine", min_lr=1e-8)
+_MGCA_SELECT = dict(validate_every_epochs=1, early_stop_patience=5, select="best")
 
 PRESETS: dict[str, RunConfig] = {
     "mae_cxr_vits": RunConfig(
@@ -62,6 +73,12 @@ PRESETS: dict[str, RunConfig] = {
                                pixel_norm="shards"),
         optim=OptimConfig(epochs=200, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=64, global_batch_size=256, ckpt_every_epochs=20),
+    ),
+    "mgca_vitb": RunConfig(
+        preset="mgca_vitb",
+        method=MGCAMethodConfig(image_encoder="vit_base_patch16"),
+        optim=OptimConfig(epochs=50, warmup_epochs=20, **_MGCA_OPTIM),
+        train=TrainConfig(batch_size=72, global_batch_size=144, ckpt_every_epochs=1, **_MGCA_SELECT),
     ),
     "tiny_mae": RunConfig(
         preset="tiny_mae",
@@ -87,6 +104,15 @@ PRESETS: dict[str, RunConfig] = {
         optim=OptimConfig(epochs=4, name="adam", lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.999), schedule="step",
                           milestones=(3,), gamma=0.1),
         train=TrainConfig(**_TINY_TRAIN),
+    ),
+    "tiny_mgca": RunConfig(
+        preset="tiny_mgca",
+        method=MGCAMethodConfig(image_encoder="vit_tiny_test", text_width=32, text_layers=2, text_heads=2,
+                                text_intermediate=64, text_max_positions=128, emb_dim=16, proj_hidden=32,
+                                num_prototypes=20),
+        data=DataConfig(num_threads=2),
+        optim=OptimConfig(**{**_TINY_OPTIM, "betas": (0.9, 0.999)}),
+        train=TrainConfig(**_TINY_TRAIN, validate_every_epochs=1, early_stop_patience=2, select="best"),
     ),
 }
 

@@ -56,10 +56,10 @@ def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
             view = A.rotate(base, r.rotate) if r.rotate else base
             mirror = A.coin() if r.flip else 0
             out[name] = A.normalize(view, crop=size, random_crop=True, mirror=mirror, **norm)
-    elif r.name in ("mgca", "pad_crop", "eval_pad"):  # long side 256, zero pad to 256x256, random or center crop 224
+    elif r.name in ("mgca", "pad_crop", "eval_pad", "mgca_eval"):  # long side 256, zero pad to 256x256, crop 224
         canvas = presize(size)
         img = A.pad_square(A.resize_longer(A.decode(jpg, dev), canvas, interp), canvas)
-        out["image"] = A.normalize(img, crop=size, random_crop=r.name != "eval_pad", **norm)
+        out["image"] = A.normalize(img, crop=size, random_crop=r.name in ("mgca", "pad_crop"), **norm)
     elif r.name == "eval":  # resize short side to 256, center crop 224
         img = A.resize_shorter(A.decode(jpg, dev), presize(size), interp)
         out["image"] = A.normalize(img, crop=size, random_crop=False, **norm)

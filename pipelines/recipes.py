@@ -120,6 +120,13 @@ RECIPES: dict[str, Recipe] = {
         text_len=112,
         interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py:51-52)
     ),
+    "mgca_eval": Recipe(
+        name="mgca_eval",
+        doc="MGCA validation: long side 256, zero pad to 256x256, center crop 224; ids to 112",
+        image_size=224,
+        text_len=112,
+        interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py:51-52)
+    ),
     "moco": Recipe(
         name="moco",
         doc="MoCo-CXR: short side 320, two views each with flip, rotation +-10 deg, random crop 320",

@@ -80,9 +80,9 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
             return {"image": view(img), "image2": view(img)}
 
         return moco
-    if r.name in ("mgca", "pad_crop", "eval_pad"):  # long side 256, zero pad (CenterCrop pads), random or center crop
+    if r.name in ("mgca", "pad_crop", "eval_pad", "mgca_eval"):  # long side 256, zero pad (CenterCrop pads), crop 224
         canvas = presize(size)
-        crop = T.CenterCrop(size) if r.name == "eval_pad" else T.RandomCrop(size)
+        crop = T.RandomCrop(size) if r.name in ("mgca", "pad_crop") else T.CenterCrop(size)
         mgca = T.Compose([T.Resize(None, max_size=canvas, interpolation=interp, antialias=True), T.CenterCrop(canvas),
                           crop, tensor])
         return lambda img: {"image": mgca(img)}

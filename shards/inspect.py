@@ -76,11 +76,12 @@ class InspectReport:
 
 
 def _carried_texts(members: dict[str, bytes], tok: dict) -> list[str]:
-    """The report texts to check in a sample: those it has, and when it has a report, every text the
-    manifest says the samples carry."""
+    """The report texts to check in a sample: those it has, and when it has a report, every required
+    text the manifest says the samples carry."""
     has_report = any(t.ids in members or t.txt in members for t in TEXTS.values())
     promised = tok.get("texts") or [DEFAULT_TEXT]
-    return [n for n, t in TEXTS.items() if t.ids in members or t.txt in members or (has_report and n in promised)]
+    return [n for n, t in TEXTS.items()
+            if t.ids in members or t.txt in members or (has_report and n in promised and not t.optional)]
 
 
 def _check_text(key: str, name: str, members: dict[str, bytes], tok: dict, rep: InspectReport, where: str) -> None:

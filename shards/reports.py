@@ -90,6 +90,40 @@ def training_text(sections: dict[str, str]) -> str | None:
     return rest[-1] if rest else None
 
 
+_NUMBERED = re.compile(r"[0-9]+\.")
+_WORD = re.compile(r"\w+")
+MGCA_MIN_WORDS = 3
+
+
+def mgca_caption(sections: dict[str, str]) -> str | None:
+    r"""MGCA's pre-training caption (HKU-MedAI/MGCA `datasets/pretrain_dataset.py`,
+    `create_path_2_sent_mapping`): impression then findings (a combined `findings and impression`
+    section counts as the impression, as MIMIC-CXR's section parser names it), split into
+    sentences at numbered-list marks ("1.") and full stops; each sentence lower-cased and reduced
+    to its `\w+` words with non-ASCII characters removed; sentences of one word dropped; the
+    sentences joined by spaces. None when neither section exists or fewer than 3 words remain
+    (the published code leaves such studies out)."""
+    impression = " ".join(
+        p for p in (sections.get("findings and impression"), sections.get("impression and findings"),
+                    sections.get("impression")) if p
+    )
+    findings = sections.get("findings", "")
+    if not impression and not findings:
+        return None
+    text = (impression or " ") + " " + (findings or " ")
+    sentences, words = [], 0
+    for piece in _NUMBERED.split(text.replace("\n", " ")):
+        for sentence in piece.split("."):
+            tokens = _WORD.findall(sentence.replace("\ufffd\ufffd", " ").lower())
+            if len(tokens) <= 1:
+                continue
+            kept = [a for a in (t.encode("ascii", "ignore").decode("ascii") for t in tokens) if a]
+            if kept:
+                sentences.append(" ".join(kept))
+            words += len(kept)
+    return " ".join(sentences) if words >= MGCA_MIN_WORDS else None
+
+
 def has_key_sections(sections: dict[str, str]) -> bool:
     return any(k in sections for k in ("findings", "impression", "findings and impression", "impression and findings"))
 
@@ -178,11 +212,16 @@ class Report:
     text: str | None
     #: the whole report, whitespace collapsed (MRM trains on it)
     full: str
+    #: MGCA's caption (`mgca_caption`); None when MGCA leaves the study out
+    mgca: str | None = None
 
     def texts(self) -> dict[str, str]:
-        """The texts the shards tokenize, by their name in `schema.TEXTS`."""
+        """The texts the shards tokenize, by their name in `schema.TEXTS` (an optional one only when it exists)."""
         assert self.text is not None
-        return {"findings_impression": self.text, "report": self.full}
+        out = {"findings_impression": self.text, "report": self.full}
+        if self.mgca is not None:
+            out["mgca_caption"] = self.mgca
+        return out
 
 
 def parse_report(raw: str | None) -> Report | None:
@@ -191,4 +230,4 @@ def parse_report(raw: str | None) -> Report | None:
         return None
     sections = split_sections(raw)
     text = training_text(sections)
-    return Report(sections, text, normalize_spaces(raw)) if text else None
+    return Report(sections, text, normalize_spaces(raw), mgca_caption(sections)) if text else None

@@ -83,6 +83,9 @@ MEMBERS: tuple[Member, ...] = (
     Member("txt", None, False, "the findings + impression text ids.i32 was made from (UTF-8)"),
     Member("report.ids.i32", np.dtype("<i4"), False, "token ids of the whole report, same rules as ids.i32"),
     Member("report.txt", None, False, "the whole report, whitespace collapsed, report.ids.i32 was made from"),
+    Member("mgca.ids.i32", np.dtype("<i4"), False, "token ids of MGCA's caption, same rules as ids.i32; absent "
+           "when the caption is (fewer than 3 words)"),
+    Member("mgca.txt", None, False, "MGCA's caption mgca.ids.i32 was made from (`shards.reports.mgca_caption`)"),
     Member("json", None, True, "sample metadata (UTF-8 JSON), see METADATA_FIELDS"),
 )
 MEMBER_BY_EXT: dict[str, Member] = {m.ext: m for m in MEMBERS}
@@ -96,14 +99,21 @@ class ReportText:
     ids: str
     txt: str
     doc: str
+    #: a sample with a report may lack this text (its rule leaves the study out); a loader then gives
+    #: it no tokens (all padding, attention mask 0)
+    optional: bool = False
 
 
-#: The report texts a sample may carry (both, or neither), by the name `build_loader(text=...)` takes.
+#: The report texts a sample may carry (all the required ones, or none), by the name
+#: `build_loader(text=...)` takes.
 TEXTS: dict[str, ReportText] = {
     "findings_impression": ReportText("ids.i32", "txt", "findings + impression (either alone when only one "
-                                      "exists), MGCA's text"),
+                                      "exists)"),
     "report": ReportText("report.ids.i32", "report.txt", "the whole report, headers included: MRM's text "
                          "(its training.csv report_content)"),
+    "mgca_caption": ReportText("mgca.ids.i32", "mgca.txt", "MGCA's caption: impression + findings as lower-case "
+                               "words, one-word sentences dropped; absent below 3 words "
+                               "(mgca/datasets/pretrain_dataset.py)", optional=True),
 }
 DEFAULT_TEXT = "findings_impression"
 

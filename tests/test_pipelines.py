@@ -50,6 +50,7 @@ EXPECTED_IMAGES = {
     "mae": {"image": 224},
     "mrm": {"image": 224, "target": 448},
     "mgca": {"image": 224},
+    "mgca_eval": {"image": 224},
     "moco": {"image": 320, "image2": 320},
     "eval": {"image": 224},
     "eval_pad": {"image": 224},
@@ -57,7 +58,7 @@ EXPECTED_IMAGES = {
     "eval_full": {"image": 224},
     "resize_crop": {"image": 320},
 }
-EXPECTED_TEXT = {"mrm": 100, "mgca": 112}
+EXPECTED_TEXT = {"mrm": 100, "mgca": 112, "mgca_eval": 112}
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
@@ -107,7 +108,8 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 @pytest.mark.parametrize(
     ("shards", "text"),
-    [("mimic_shards", "findings_impression"), ("mimic_shards", "report"), ("mimic_shards_mrm_tokenizer", "report")],
+    [("mimic_shards", "findings_impression"), ("mimic_shards", "report"), ("mimic_shards", "mgca_caption"),
+     ("mimic_shards_mrm_tokenizer", "report")],
 )
 def test_labels_and_ids_match_tar_contents(shards: str, text: str, backend: str, request: pytest.FixtureRequest) -> None:
     """Every sample of the split once, with its own labels and the ids of the chosen report text,

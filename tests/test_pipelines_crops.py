@@ -125,6 +125,17 @@ def test_mgca_and_eval_crop_sizes(plane_shards: Path, backend: str) -> None:
                       num_threads=1, mean=0.0, std=1.0)
     w, h = crop_size(next(iter(ev))["image"][0])
     assert abs(w - H * 224 / 256) < 0.03 * W and abs(h - H * 224 / 256) < 0.03 * H
+    # mgca_eval (MGCA's validation): the same canvas, center crop: 16 zero rows above and below
+    # (300 * 256 / 400 = 192 rows padded by 32 each side, 16 of them cropped away), the same for every seed.
+    views = [next(iter(build_loader(plane_shards, "train", "mgca_eval", batch_size=4, backend=backend,
+                                    device="cpu", num_threads=1, mean=0.0, std=1.0, seed=s, shuffle=False)))
+             for s in (0, 1)]
+    img = views[0]["image"]
+    assert torch.equal(img, views[1]["image"])
+    for i in range(4):
+        assert abs(row_width(img[i], 112) - W * 224 / 256) < 0.03 * W
+        assert (img[i, 0, :14] == 0).all() and (img[i, 0, -14:] == 0).all()
+        assert (img[i, 0, 18:-18].abs().amax(dim=1) > 0).all()
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from cxrfast.shards.reports import ReportStore, parse_report, split_sections, training_text
+from cxrfast.shards.reports import ReportStore, mgca_caption, parse_report, split_sections, training_text
 
 TYPICAL = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -102,3 +102,28 @@ def test_a_corrupt_zip_member_is_named(tmp_path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"member files/p10/p10000032/s50414267.txt is corrupt \(BadZipFile"):
         ReportStore(path).read("10000032", "50414267")
+
+
+def test_mgca_caption_follows_the_published_rule() -> None:
+    r"""Impression first, sentences at '.' and '1.' marks, lower-case \w+ words, ASCII only,
+    one-word sentences dropped (MGCA pretrain_dataset.py)."""
+    s = split_sections(TYPICAL)
+    assert mgca_caption(s) == (
+        "no acute cardiopulmonary process there is no focal consolidation pleural effusion or pneumothorax "
+        "bilateral nodular opacities that most likely represent nipple shadows"
+    )
+    numbered = {"impression": "1. Mild edema.  2. No effusion.\nStable.", "findings": "Heart size is normal (12.3 cm)."}
+    # "Stable" is a one-word sentence: dropped; "12." is a numbered-list mark to the published splitter
+    assert mgca_caption(numbered) == "mild edema no effusion heart size is normal 3 cm"
+    assert mgca_caption({"findings and impression": "Lungs are clear."}) == "lungs are clear"
+    assert mgca_caption({"findings": "Caf\u00e9-au-lait  \u00b5m lesion."}) == "caf au lait m lesion"
+
+
+@pytest.mark.parametrize("sections", [
+    {"impression": "No pneumothorax."},  # 2 words: fewer than 3
+    {"impression": "Normal. Stable. Unchanged."},  # one-word sentences only
+    {"indication": "Cough, fever and chills."},  # neither impression nor findings
+    {},
+])
+def test_mgca_caption_drops_studies_the_published_code_leaves_out(sections: dict) -> None:
+    assert mgca_caption(sections) is None

@@ -98,7 +98,7 @@ def test_shards_carry_the_whole_report_too(mimic_shards: Path, mimic_raw: Path) 
     from cxrfast.shards.reports import ReportStore
 
     m = _manifest(mimic_shards)
-    assert m["tokenizer"]["texts"] == ["findings_impression", "report"]
+    assert m["tokenizer"]["texts"] == ["findings_impression", "report", "mgca_caption"]
     tok = Tokenizer.from_file(str(mimic_shards / m["tokenizer"]["file"]))
     store = ReportStore(mimic_raw / "mimic-cxr-reports.zip")
     n = 0
@@ -113,6 +113,30 @@ def test_shards_carry_the_whole_report_too(mimic_shards: Path, mimic_raw: Path) 
         assert len(full) > len(mem["txt"].decode())
         assert decode_member("report.ids.i32", mem["report.ids.i32"]).tolist() == tok.encode(full).ids
         n += 1
+    assert n > 0
+
+
+def test_shards_carry_mgca_caption(mimic_shards: Path) -> None:
+    """MGCA's caption (impression + findings as lower-case words) beside the other texts, with its ids;
+    absent exactly where MGCA's rule leaves the study out."""
+    from tokenizers import Tokenizer
+
+    from cxrfast.shards.reports import mgca_caption
+
+    m = _manifest(mimic_shards)
+    tok = Tokenizer.from_file(str(mimic_shards / m["tokenizer"]["file"]))
+    n = 0
+    for mem in _samples(mimic_shards).values():
+        assert ("mgca.ids.i32" in mem) == ("mgca.txt" in mem)
+        if "ids.i32" not in mem:
+            assert "mgca.ids.i32" not in mem
+            continue
+        caption = mgca_caption(json.loads(mem["json"])["report_sections"])
+        assert ("mgca.txt" in mem) == (caption is not None)
+        if caption is not None:
+            assert mem["mgca.txt"].decode() == caption
+            assert decode_member("mgca.ids.i32", mem["mgca.ids.i32"]).tolist() == tok.encode(caption).ids
+            n += 1
     assert n > 0
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
 from cxrfast.methods.mae import MAE, MAEMethodConfig
+from cxrfast.methods.mgca import MGCA, MGCAMethodConfig
 from cxrfast.methods.moco import MoCo, MoCoMethodConfig
 from cxrfast.methods.mrm import MRM, MRMMethodConfig
 
@@ -24,6 +25,7 @@ METHODS: dict[str, type[Method]] = {
     MAE.name: MAE,
     MRM.name: MRM,
     MoCo.name: MoCo,
+    MGCA.name: MGCA,
 }
 
 
@@ -46,6 +48,8 @@ __all__ = [
     "EncoderExport",
     "MAE",
     "MAEMethodConfig",
+    "MGCA",
+    "MGCAMethodConfig",
     "MRM",
     "MoCo",
     "MoCoMethodConfig",

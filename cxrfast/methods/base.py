@@ -46,6 +46,7 @@ class DataRequest:
     std: float | None = None
     channels: int = 1  # image channels fed to the network (grayscale replicated when 3)
     text_len: int | None = None  # token length of `ids` / `attention_mask`; None = no report text
+    text: str | None = None  # which report text becomes `ids` (a name in cxrfast.shards.schema.TEXTS); None = the default
 
     @property
     def needs_reports(self) -> bool:

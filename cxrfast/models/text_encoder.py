@@ -21,6 +21,20 @@ FEATURE_AT = ("embeddings_out", "word_embeddings")
 TEXT_INITS = ("bert", "mrm")
 
 
+def set_hf_checkpointing(model: nn.Module, enable: bool) -> None:
+    """transformers' own activation checkpointing (non-reentrant) on or off, for its 4.x and 5.x APIs."""
+    kwargs = {"use_reentrant": False}
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5
+    if enable and new_api:
+        model.activation_checkpointing_enable(kwargs)
+    elif enable:
+        model.gradient_checkpointing_enable(kwargs)
+    elif new_api:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def bert_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
     """Forward matmul FLOPs of one BERT layer: q, k, v, scores, attn@v, output, FFN in and out."""
     t, h = tokens, hidden
@@ -90,19 +104,9 @@ class ReportMLM(nn.Module):
 
     def set_checkpointing(self, enable: bool) -> None:
         """Activation checkpointing of the BERT layers (transformers' own, non-reentrant)."""
-        if enable == self.checkpointing:
-            return
-        mlm, kwargs = self.mlm, {"use_reentrant": False}
-        new_api = hasattr(mlm, "activation_checkpointing_enable")  # transformers >= 5
-        if enable and new_api:
-            mlm.activation_checkpointing_enable(kwargs)
-        elif enable:
-            mlm.gradient_checkpointing_enable(kwargs)
-        elif new_api:
-            mlm.activation_checkpointing_disable()
-        else:
-            mlm.gradient_checkpointing_disable()
-        self.checkpointing = enable
+        if enable != self.checkpointing:
+            set_hf_checkpointing(self.mlm, enable)
+            self.checkpointing = enable
 
     @property
     def max_len(self) -> int:
