@@ -11,7 +11,7 @@ other's CI.
 
     cxrfast bench eval                                    # CPU: timm ViT-Tiny at 96 px, synthetic CheXpert
     cxrfast bench eval --arch mae_vit_tiny_test           # the registry's 64-px test ViT (seconds)
-    cxrfast bench eval --shards shards/chexpert --encoder runs/mrm/encoder.safetensors --task chexpert5
+    cxrfast bench eval --shards data/shards/chexpert --encoder runs/mrm/encoder.safetensors --task chexpert5
 
 Without --shards a synthetic CheXpert (200 patients) is generated and sharded under OUT/cache;
 without --encoder timm's ViT-Tiny at 96 px (seeded random weights) is exported there. Protocol (bench/common.py): one

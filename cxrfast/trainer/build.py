@@ -73,10 +73,39 @@ def build_engine(method: Method, o: OptimConfig, ds_config: dict[str, Any], fact
     else:
         scheduler = lambda opt: make_scheduler(opt, factor)  # noqa: E731  (DeepSpeed calls it with its optimizer)
     originals = fp32_originals(method)
+    masters = trainable_fp32(method) if loader_dtype(ds_config) != torch.float32 else {}
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, model_parameters=params,
                                            lr_scheduler=scheduler, config=ds_config)
     restore_fp32(engine.module, originals)
+    restore_masters(engine, masters)
     return engine
+
+
+def trainable_fp32(method: Method) -> dict[str, torch.Tensor]:
+    """CPU fp32 copies of the trainable parameters before `deepspeed.initialize` casts them."""
+    return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in method.named_parameters() if p.requires_grad}
+
+
+def restore_masters(engine: Any, masters: dict[str, torch.Tensor]) -> int:
+    """Start the optimizer's fp32 master weights from the method's fp32 values: DeepSpeed builds
+    them from the bf16-cast module, which would round every initialisation (a published checkpoint
+    included) to bf16. ZeRO-1/2 masters only (ZeRO-0 under bf16 keeps no reachable master; logged).
+    Returns the number of parameters restored."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    n, unreachable = 0, []
+    for name, p in engine.module.named_parameters():
+        if name not in masters:
+            continue
+        if not hasattr(p, "_hp_mapping"):
+            unreachable.append(name)
+            continue
+        safe_set_full_fp32_param(p, masters[name].to(p.device))
+        n += 1
+    if unreachable:
+        log.warning("%d trainable parameter(s) have no fp32 master DeepSpeed exposes (ZeRO stage 0 under bf16?): "
+                    "they start from their bf16-rounded initial values", len(unreachable))
+    return n
 
 
 def fp32_originals(method: Method) -> dict[str, torch.Tensor]:
