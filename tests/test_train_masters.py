@@ -15,10 +15,10 @@ from cxrfast.presets import get_preset
 def test_fp32_masters_start_from_the_fp32_init(mimic_shards: Path):
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from cxrfast.shards.folder import open_shards
     from cxrfast.trainer import deepspeed_config, distributed
     from cxrfast.trainer.build import build_engine, lr_schedule
     from cxrfast.trainer.run import make_method
-    from cxrfast.shards.folder import open_shards
 
     env = dict(os.environ)
     cfg = apply_overrides(get_preset("tiny_mae"), ["precision=bf16", "zero_stage=2"])
