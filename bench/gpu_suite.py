@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrfast.pipelines.augmentations import AUGMENTATIONS
+
 log = logging.getLogger(__name__)
 
 NAME = "gpu_suite"
-AUGMENTATIONS = ("mae", "mrm", "mgca", "moco", "eval")
 #: Presets timed in step 5, when registered (new methods join the suite by being here).
 TRAIN_PRESETS = ("mae_cxr_vitb", "mrm_vitb", "mgca_vitb", "moco_cxr_r50")
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def dali_parity(shards: Path, out: Path, *, batches: int = 2, batch_size: int = 
     from cxrfast.pipelines import build_loader
 
     res: dict[str, Any] = {}
-    for aug in AUGMENTATIONS:
+    for aug in sorted(AUGMENTATIONS):
         diffs, maxes = [], []
         loaders = [build_loader(shards, "train", aug, batch_size=batch_size, device=d, shuffle=False, seed=0,
                                 num_threads=4, drop_last=True) for d in devices]

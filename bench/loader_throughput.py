@@ -1,4 +1,4 @@
-"""`cxrfast bench pipelines`: images/s of the data loader alone (no model), per recipe, DALI against
+"""`cxrfast bench pipelines`: images/s of the data loader alone (no model), per augmentation, DALI against
 the DataLoader baseline with the same number of CPU workers, in one run over the same shards.
 
 DALI runs on the GPU (`mixed` nvJPEG decode + GPU ops) when CUDA is available, else in DALI's
@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cxrfast.bench.common import BENCH_OUT
+from cxrfast.pipelines.augmentations import AUGMENTATIONS
 from cxrfast.shards.folder import open_shards
 from cxrfast.shards.schema import MANIFEST
 
 log = logging.getLogger(__name__)
-
-RECIPE_NAMES = ("mae", "mrm", "mgca", "moco", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--raw-size", type=int, nargs=2, default=(1024, 1536), metavar=("MIN", "MAX"),
                    help="synthetic source image side range (shards are 512 px long side regardless)")
     p.add_argument("--split", default="train")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPE_NAMES), choices=RECIPE_NAMES)
+    p.add_argument("--augmentations", nargs="+", default=sorted(AUGMENTATIONS), choices=sorted(AUGMENTATIONS))
     p.add_argument("--backends", nargs="+", default=["dali", "torch"], choices=["dali", "torch"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=20, help="batches per timed repeat")
@@ -116,18 +115,18 @@ def main(argv: list[str]) -> int:
     device = args.device or ("gpu" if cuda else "cpu")
     shards = args.shards or ensure_shards(args.out, args.studies, tuple(args.raw_size), args.workers)
 
-    runs = [(r, b) for r in args.recipes for b in args.backends]
-    results: dict[str, dict[str, dict]] = {r: {} for r in args.recipes}
-    for recipe, backend in track(runs, description="loaders"):
+    runs = [(r, b) for r in args.augmentations for b in args.backends]
+    results: dict[str, dict[str, dict]] = {r: {} for r in args.augmentations}
+    for augmentation, backend in track(runs, description="loaders"):
         loader = build_loader(
-            shards, args.split, recipe, batch_size=args.batch_size, backend=backend, device=device,
+            shards, args.split, augmentation, batch_size=args.batch_size, backend=backend, device=device,
             num_threads=args.workers, drop_last=True, seed=0,
         )
         if len(loader) == 0:
             raise ValueError(f"{shards}: split {args.split!r} has fewer than --batch-size={args.batch_size} samples")
-        results[recipe][backend] = measure(loader, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
+        results[augmentation][backend] = measure(loader, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
                                            cuda=cuda and device == "gpu")
-        log.info("%s/%s: %.0f images/s", recipe, backend, results[recipe][backend]["images_per_s"])
+        log.info("%s/%s: %.0f images/s", augmentation, backend, results[augmentation][backend]["images_per_s"])
         del loader
 
     ratios = {
@@ -149,8 +148,8 @@ def main(argv: list[str]) -> int:
         "dali_over_torch": ratios,
     }
     json_path = write_json(args.out, "loader_throughput", payload)
-    labels = [f"{r}/{b}" for r in args.recipes for b in args.backends]
-    values = [results[r][b]["images_per_s"] for r in args.recipes for b in args.backends]
+    labels = [f"{r}/{b}" for r in args.augmentations for b in args.backends]
+    values = [results[r][b]["images_per_s"] for r in args.augmentations for b in args.backends]
     png = bar_plot(
         args.out, "loader_throughput", labels, values, ylabel="images/s",
         title=f"loader only, batch {args.batch_size}, {args.workers} CPU workers, DALI on {device}",
@@ -158,7 +157,7 @@ def main(argv: list[str]) -> int:
     numbers = "; ".join(
         f"{r}: " + ", ".join(f"{b} {results[r][b]['images_per_s']:.0f}" for b in args.backends)
         + (f" img/s ({ratios[r]:.2f}x)" if r in ratios else " img/s")
-        for r in args.recipes
+        for r in args.augmentations
     )
     numbers += f" [DALI {device}, {args.workers} workers, batch {args.batch_size}]"
     if not args.no_results_row:

@@ -1,4 +1,4 @@
-"""DALI augmentation steps shared by all recipes (plain functions on DataNodes).
+"""DALI augmentation steps shared by all augmentations (plain functions on DataNodes).
 
 `device` is "gpu" (decode with `mixed`, i.e. nvJPEG, then GPU ops) or "cpu" (DALI's CPU-only
 mode). Images stay single-channel HWC uint8 until `normalize`, which writes CHW float (MRM's
@@ -39,9 +39,9 @@ def decode_random_crop(
     )
 
 
-#: The resampling filters a recipe may name (`Recipe.interpolation`). Both are antialiased when
+#: The resampling filters an augmentation may name (`Augmentation.interpolation`). Both are antialiased when
 #: shrinking, like PIL's resize behind torchvision's transforms on PIL images: DALI's cubic filter
-#: with antialiasing matches PIL's BICUBIC within one grey level (tests/test_pipelines_interpolation.py).
+#: with antialiasing matches PIL's BICUBIC within one grey level (tests/test_pipelines_crops.py).
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 

@@ -1,6 +1,6 @@
-"""The DALI pipeline of each recipe: reader -> decode (+crop) -> recipe augmentations -> outputs.
+"""The DALI pipeline of each augmentation: reader -> decode (+crop) -> its steps -> outputs.
 
-One `@pipeline_def` for all recipes; the recipe's static Python `if`s pick the steps when the
+One `@pipeline_def` for all augmentations; the augmentation's static Python `if`s pick the steps when the
 graph is built. The same graph runs on the GPU (`mixed` nvJPEG decode, GPU ops) and in DALI's
 CPU-only mode (`device_id=None`, cpu ops).
 """
@@ -13,8 +13,8 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.data_node import DataNode
 
 from cxrfast.pipelines import augment as A
+from cxrfast.pipelines.augmentations import LoaderConfig, presize
 from cxrfast.pipelines.reader import read_shards
-from cxrfast.pipelines.recipes import LoaderConfig, presize
 from cxrfast.pipelines.text import pad_truncate
 
 
@@ -28,7 +28,7 @@ class GraphConfig(LoaderConfig):
 
 def output_names(cfg: GraphConfig) -> list[str]:
     """Names of the pipeline outputs, in order (the iterator's output_map)."""
-    names = list(cfg.recipe.sizes(cfg.image_size)) + ["labels"]
+    names = list(cfg.augmentation.sizes(cfg.image_size)) + ["labels"]
     if cfg.text_len is not None:
         names += ["ids", "attention_mask"]
     if cfg.with_keys:
@@ -37,7 +37,7 @@ def output_names(cfg: GraphConfig) -> list[str]:
 
 
 def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
-    r, size, dev, interp = cfg.recipe, cfg.image_size, cfg.device, cfg.recipe.interpolation
+    r, size, dev, interp = cfg.augmentation, cfg.image_size, cfg.device, cfg.augmentation.interpolation
     norm = {"mean": cfg.mean, "std": cfg.std, "dtype": cfg.dtype}
     out: dict[str, DataNode] = {}
     if r.scale is not None:  # RandomResizedCrop (MAE, MRM): decode only the crop window
@@ -67,7 +67,7 @@ def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
         img = A.resize_shorter(A.decode(jpg, dev), size, interp)
         out["image"] = A.normalize(img, crop=size, random_crop=r.name == "resize_crop", **norm)
     else:
-        raise ValueError(f"recipe {r.name!r} has no DALI graph")
+        raise ValueError(f"augmentation {r.name!r} has no DALI graph")
     return {k: A.replicate_channels(v, cfg.channels) for k, v in out.items()}
 
 

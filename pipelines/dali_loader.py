@@ -1,4 +1,4 @@
-"""The DALI backend: the recipe graph wrapped in DALI's PyTorch iterator.
+"""The DALI backend: the augmentation graph wrapped in DALI's PyTorch iterator.
 
 Last-batch policy, chosen explicitly: `LastBatchPolicy.PARTIAL` by default (with the reader's
 `pad_last_batch=True`): every sample exactly once per epoch across ranks, the last batch of a

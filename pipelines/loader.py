@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from cxrfast.pipelines.recipes import LoaderConfig, get_recipe
+from cxrfast.pipelines.augmentations import LoaderConfig, get_augmentation
 from cxrfast.shards.folder import ShardFolder, open_shards
 from cxrfast.shards.schema import DEFAULT_TEXT
 
@@ -48,7 +48,7 @@ def rank_share(samples: int, rank: int, world_size: int) -> int:
 def build_loader(
     shards: Path | str | ShardFolder,
     split: str,
-    recipe: str,
+    augmentation: str,
     *,
     batch_size: int,
     backend: str = "dali",
@@ -70,7 +70,7 @@ def build_loader(
     checkpointing: bool = False,
     checkpoint: bytes | None = None,
 ) -> Loader:
-    """Batches of `split` of the shard folder `shards`, augmented by `recipe`, as dicts of tensors.
+    """Batches of `split` of the shard folder `shards`, augmented by `augmentation`, as dicts of tensors.
 
     backend: "dali" (GPU `mixed` decode, or DALI CPU-only mode), "torch" (DataLoader + webdataset +
     PIL/torchvision, the reference), "synthetic" (random tensors of the same shapes).
@@ -80,11 +80,11 @@ def build_loader(
     checkpointing: the DALI backend can report its position (`loader.state()`, DALI's pipeline
     checkpoint: reader position and every random generator); `checkpoint` restores such a state,
     so the loader continues exactly where the saved one stopped.
-    text: which report text becomes `ids` for recipes with text outputs, a name in
+    text: which report text becomes `ids` for augmentations with text outputs, a name in
     `cxrfast.shards.schema.TEXTS`: "findings_impression" (default) or "report" (the whole report,
     MRM's text).
     """
-    r = get_recipe(recipe)
+    r = get_augmentation(augmentation)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if device is None:
@@ -98,9 +98,9 @@ def build_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if text_len is not None and not r.needs_text:
-        raise ValueError(f"recipe {recipe!r} has no text outputs; text_len={text_len} does not apply")
+        raise ValueError(f"augmentation {augmentation!r} has no text outputs; text_len={text_len} does not apply")
     if text is not None and not r.needs_text:
-        raise ValueError(f"recipe {recipe!r} has no text outputs; text={text!r} does not apply")
+        raise ValueError(f"augmentation {augmentation!r} has no text outputs; text={text!r} does not apply")
     text_len = (text_len or r.text_len) if r.needs_text else None
     text = (text or DEFAULT_TEXT) if r.needs_text else None
     image_size = image_size or r.image_size
@@ -108,7 +108,7 @@ def build_loader(
     torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
     folder = open_shards(shards)
     if text is not None:
-        folder.require_text(f"recipe {recipe!r}", text)
+        folder.require_text(f"augmentation {augmentation!r}", text)
 
     if backend == "synthetic":
         from cxrfast.pipelines.synthetic import SyntheticLoader
@@ -138,7 +138,7 @@ def build_loader(
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
     common = dict(
-        recipe=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, mean=mean, std=std,
+        augmentation=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, mean=mean, std=std,
         channels=channels, image_size=image_size, text_len=text_len, text=text, with_keys=with_keys,
     )
     if backend == "torch":
@@ -152,7 +152,7 @@ def build_loader(
     from cxrfast.pipelines.dali_loader import DaliLoader
 
     cfg = GraphConfig(device=device, dtype=_DTYPES[dtype], **common)
-    log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", recipe, device, rank, world_size, sp.samples)
+    log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", augmentation, device, rank, world_size, sp.samples)
     share = rank_share(sp.samples, rank, world_size)
     if drop_last and share < batch_size:
         raise ValueError(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrfast.pipelines.recipes import get_recipe
+from cxrfast.pipelines.augmentations import get_augmentation
 from cxrfast.shards.folder import ShardFolder, open_shards
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,12 @@ def require_target_resolution(
     shards, augmentation: str = "mrm", *, image_size: int | None = None, on_too_small: str = "error",
     aspect: float = MIMIC_ASPECT,
 ) -> TargetResolution:
-    """Check the shard folder `shards` against the crop `target` of `augmentation` (a recipe with a
+    """Check the shard folder `shards` against the crop `target` of `augmentation` (one with a
     `target_factor`, at `image_size` or its default). `on_too_small`: "error" raises ValueError with the
     size to re-shard at, "warn" logs it and returns."""
     if on_too_small not in POLICIES:
         raise ValueError(f"on_too_small must be one of {POLICIES}, got {on_too_small!r}")
-    r = get_recipe(augmentation)
+    r = get_augmentation(augmentation)
     if not r.target_factor or r.scale is None:
         raise ValueError(f"augmentation {augmentation!r} has no high-resolution crop target to check")
     target = r.sizes(image_size)["target"]

@@ -1,4 +1,4 @@
-"""The synthetic backend: batches of random tensors with the recipe's shapes and dtypes, made once
+"""The synthetic backend: batches of random tensors with the augmentation's shapes and dtypes, made once
 on the device and yielded `len()` times, so a training step can be timed without any data work."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cxrfast.pipelines.recipes import Recipe
+from cxrfast.pipelines.augmentations import Augmentation
 
 
 class SyntheticLoader:
@@ -17,7 +17,7 @@ class SyntheticLoader:
 
     def __init__(
         self,
-        recipe: Recipe,
+        augmentation: Augmentation,
         *,
         samples: int,
         batch_size: int,
@@ -36,12 +36,12 @@ class SyntheticLoader:
         if samples < 1 or batch_size < 1 or num_labels < 1:
             raise ValueError(f"samples, batch_size and num_labels must be >= 1, got {samples}, {batch_size}, {num_labels}")
         if text_len is not None and (vocab_size is None or special_ids is None):
-            raise ValueError(f"recipe {recipe.name!r} has text: pass vocab_size and special_ids (or a manifest with a tokenizer)")
+            raise ValueError(f"augmentation {augmentation.name!r} has text: pass vocab_size and special_ids (or a manifest with a tokenizer)")
         self.samples, self.batch_size, self.drop_last, self.with_keys = samples, batch_size, drop_last, with_keys
         g = torch.Generator().manual_seed(seed)
         b = batch_size
         batch: dict[str, torch.Tensor] = {}
-        for name, side in recipe.sizes(image_size).items():
+        for name, side in augmentation.sizes(image_size).items():
             gray = torch.randn(b, 1, side, side, generator=g).to(dtype)
             batch[name] = gray.expand(-1, channels, -1, -1).contiguous()  # replicated like the real backends
         batch["labels"] = torch.randint(-2, 2, (b, num_labels), generator=g, dtype=torch.int8)

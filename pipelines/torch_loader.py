@@ -25,7 +25,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrfast.pipelines.recipes import LoaderConfig, presize
+from cxrfast.pipelines.augmentations import LoaderConfig, presize
 from cxrfast.shards.schema import TEXTS, decode_member
 
 SHUFFLE_BUFFER = 1024
@@ -39,9 +39,9 @@ _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationM
 
 
 def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
-    """PIL grayscale image -> {"image": [1,S,S], ...} per the recipe (torchvision transforms; on PIL
+    """PIL grayscale image -> {"image": [1,S,S], ...} per the augmentation (torchvision transforms; on PIL
     images they resize with PIL, antialiased, as the published code does)."""
-    r, size = cfg.recipe, cfg.image_size
+    r, size = cfg.augmentation, cfg.image_size
     interp = _INTERP[r.interpolation]
     tensor = _to_tensor(cfg.mean, cfg.std)
     if r.scale is not None and r.target_factor:  # MRM: one crop window, emitted at two sizes
@@ -91,7 +91,7 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
         crop = T.RandomCrop(size) if r.name == "resize_crop" else T.CenterCrop(size)
         ev = T.Compose([T.Resize(short, interpolation=interp, antialias=True), crop, tensor])
         return lambda img: {"image": ev(img)}
-    raise ValueError(f"recipe {r.name!r} has no torchvision transform")
+    raise ValueError(f"augmentation {r.name!r} has no torchvision transform")
 
 
 def pad_truncate_ids(

@@ -224,7 +224,7 @@ def test_feature_cache_is_invalidated_when_the_encoder_changes(eval_shards, tmp_
     def feats(path: Path) -> np.ndarray:
         enc = load(EncoderSpec(encoder=path))
         req = features.FeatureRequest(encoder=enc.identity, shards=features.shards_identity(folder), split="validate",
-                                      recipe="eval_pad", image_size=64, mean=0.5, std=0.5, channels=1, pooling="cls",
+                                      augmentation="eval_pad", image_size=64, mean=0.5, std=0.5, channels=1, pooling="cls",
                                       precision="fp32", device="cpu", backend="dali")  # fmt: skip
         return features.split_features(enc.module, folder, req, cache_dir=tmp_path / "cache", batch_size=32,
                                        num_threads=1, progress=False).values  # fmt: skip

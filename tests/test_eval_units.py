@@ -217,6 +217,6 @@ def test_early_stopping_and_masked_targets() -> None:
 
 def test_probe_knobs_validate() -> None:
     with pytest.raises(ValueError, match="set exactly one of lr and blr"):
-        ProbeKnobs(pooling="cls", optimizer="adam", batch_size=8, select_metric="val_auc", augment_recipe="eval")
+        ProbeKnobs(pooling="cls", optimizer="adam", batch_size=8, select_metric="val_auc", augmentation="eval")
     with pytest.raises(ValueError, match="probe.pooling"):
         get_protocol("mgca", ["pooling=avg"])

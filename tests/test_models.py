@@ -104,8 +104,8 @@ def test_registry_rejects_unknown_names_and_kwargs():
 
 def test_model_attributes():
     mae, mrm = tiny("mae_vit_tiny_test"), tiny("mrm_vit_tiny_test")
-    assert (mae.data_recipe, mae.needs_reports) == ("mae", False)
-    assert (mrm.data_recipe, mrm.needs_reports) == ("mrm", True)
+    assert (mae.augmentation, mae.needs_reports) == ("mae", False)
+    assert (mrm.augmentation, mrm.needs_reports) == ("mrm", True)
     assert mae.timm_name == "vit_tiny_patch16_224"
     assert mae.timm_kwargs == dict(img_size=64, patch_size=16, in_chans=1, embed_dim=64, depth=2, num_heads=4,
                                    mlp_ratio=4.0, num_classes=0)
@@ -502,5 +502,5 @@ def test_bf16_forward_backward_and_missing_batch_keys():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
     out["loss"].backward()
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"batch lacks \['target'\].*'mrm' data recipe"):
+    with pytest.raises(ValueError, match=r"batch lacks \['target'\].*'mrm' augmentation"):
         model({k: v for k, v in batch.items() if k != "target"})

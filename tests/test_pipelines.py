@@ -1,6 +1,6 @@
 """cxrfast.pipelines on real shards (conftest fixtures), DALI in CPU-only mode.
 
-Covers: shapes/dtypes/value ranges per recipe and backend, labels and ids against the tar contents
+Covers: shapes/dtypes/value ranges per augmentation and backend, labels and ids against the tar contents
 key by key, exact epochs over 2 simulated ranks, reproducibility, and clear errors for broken
 shard folders. Crop geometry is in test_pipelines_crops.py.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cxrfast.pipelines import build_loader
-from cxrfast.pipelines.recipes import RECIPES
+from cxrfast.pipelines.augmentations import AUGMENTATIONS
 from cxrfast.pipelines.torch_loader import pad_truncate_ids
 from cxrfast.shards import schema
 
@@ -62,20 +62,20 @@ EXPECTED_TEXT = {"mrm": 100, "mgca": 112, "mgca_eval": 112}
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: str) -> None:
-    dtype = {"mae": torch.bfloat16, "eval": torch.float16}.get(recipe, torch.float32)
-    channels = 3 if recipe == "eval" else 1
+@pytest.mark.parametrize("augmentation", sorted(AUGMENTATIONS))
+def test_batch_shapes_dtypes_ranges(mimic_shards: Path, augmentation: str, backend: str) -> None:
+    dtype = {"mae": torch.bfloat16, "eval": torch.float16}.get(augmentation, torch.float32)
+    channels = 3 if augmentation == "eval" else 1
     loader = build_loader(
-        mimic_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+        mimic_shards, "train", augmentation, batch_size=4, backend=backend, device="cpu",
         num_threads=THREADS, dtype=dtype, channels=channels, with_keys=True,
     )
     batch = first_batch(loader)
-    want = set(EXPECTED_IMAGES[recipe]) | {"labels", "key"} | ({"ids", "attention_mask"} if recipe in EXPECTED_TEXT else set())
+    want = set(EXPECTED_IMAGES[augmentation]) | {"labels", "key"} | ({"ids", "attention_mask"} if augmentation in EXPECTED_TEXT else set())
     assert set(batch) == want
     stats = json.loads((mimic_shards / schema.MANIFEST).read_text())["pixel_stats"]
     lo, hi = (0 - stats["mean"]) / stats["std"], (1 - stats["mean"]) / stats["std"]
-    for name, side in EXPECTED_IMAGES[recipe].items():
+    for name, side in EXPECTED_IMAGES[augmentation].items():
         img = batch[name]
         assert img.shape == (4, channels, side, side) and img.dtype == dtype and img.device.type == "cpu"
         x = img.float()
@@ -83,7 +83,7 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
         if backend != "synthetic":  # normalised pixels of 0..1 images
             # MRM's image is the float target halved by bicubic, unclamped as in MRM's model: its
             # negative lobes (8 x 0.0557 of the 4x4 taps) may overshoot the range by up to 0.45 of it
-            slack = 0.45 * (hi - lo) if (recipe, name) == ("mrm", "image") else 0.05
+            slack = 0.45 * (hi - lo) if (augmentation, name) == ("mrm", "image") else 0.05
             assert lo - slack <= x.min() and x.max() <= hi + slack
             assert x.std() > 0.05  # not a blank image
         if channels == 3:
@@ -91,9 +91,9 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
     assert batch["labels"].shape == (4, schema.NUM_LABELS) and batch["labels"].dtype == torch.int8
     assert set(batch["labels"].unique().tolist()) <= {-2, -1, 0, 1}
     assert len(batch["key"]) == 4
-    if recipe in EXPECTED_TEXT:
+    if augmentation in EXPECTED_TEXT:
         ids, mask = batch["ids"], batch["attention_mask"]
-        assert ids.shape == mask.shape == (4, EXPECTED_TEXT[recipe])
+        assert ids.shape == mask.shape == (4, EXPECTED_TEXT[augmentation])
         assert ids.dtype == mask.dtype == torch.int64
         for row, m in zip(ids, mask, strict=True):
             n = int(m.sum())
@@ -101,7 +101,7 @@ def test_batch_shapes_dtypes_ranges(mimic_shards: Path, recipe: str, backend: st
             assert (row[n:] == 0).all()  # pad id
             if n:
                 assert row[0] == 2 and row[n - 1] == 3  # [CLS] ... [SEP]
-    if recipe == "moco":
+    if augmentation == "moco":
         assert not torch.equal(batch["image"], batch["image2"])
 
 
@@ -274,18 +274,18 @@ def test_missing_tar_and_unknown_split(shard_copy: Path) -> None:
         build_loader(shard_copy, "train", "mae", batch_size=2, device="cpu")
     with pytest.raises(ValueError, match="no split 'nope'"):
         build_loader(shard_copy, "nope", "mae", batch_size=2, device="cpu")
-    with pytest.raises(ValueError, match="unknown recipe"):
+    with pytest.raises(ValueError, match="unknown augmentation"):
         build_loader(shard_copy, "validate", "simclr", batch_size=2, device="cpu")
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
-@pytest.mark.parametrize("recipe", ["mrm", "mgca"])
-def test_text_recipe_on_shards_without_reports(chexpert_shards: Path, recipe: str, backend: str) -> None:
-    with pytest.raises(ValueError, match=rf"manifest.json.*{recipe}.*(needs|need) report"):
-        build_loader(chexpert_shards, "train", recipe, batch_size=2, device="cpu", backend=backend)
+@pytest.mark.parametrize("augmentation", ["mrm", "mgca"])
+def test_text_augmentation_on_shards_without_reports(chexpert_shards: Path, augmentation: str, backend: str) -> None:
+    with pytest.raises(ValueError, match=rf"manifest.json.*{augmentation}.*(needs|need) report"):
+        build_loader(chexpert_shards, "train", augmentation, batch_size=2, device="cpu", backend=backend)
 
 
-def test_chexpert_image_recipe_works(chexpert_shards: Path) -> None:
+def test_chexpert_image_augmentation_works(chexpert_shards: Path) -> None:
     batch = first_batch(build_loader(chexpert_shards, "train", "mae", batch_size=2, device="cpu",
                                      num_threads=THREADS, with_keys=True))
     assert batch["image"].shape == (2, 1, 224, 224)
@@ -297,7 +297,7 @@ def test_loader_benchmark_runs(mimic_shards: Path, tmp_path: Path) -> None:
     from cxrfast.bench import loader_throughput
 
     rc = loader_throughput.main([
-        "--shards", str(mimic_shards), "--recipes", "mae", "mrm", "--batch-size", "4", "--batches", "2",
+        "--shards", str(mimic_shards), "--augmentations", "mae", "mrm", "--batch-size", "4", "--batches", "2",
         "--warmup", "0", "--repeats", "1", "--workers", "1", "--out", str(tmp_path), "--no-results-row",
     ])
     assert rc == 0

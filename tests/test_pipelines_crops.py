@@ -3,7 +3,7 @@
 The pattern is a plane, pixel = 127 * x / (W - 1) + 127 * y / (H - 1). Crop + resize keep a plane a
 plane, so the slopes of the output along columns and rows give the crop's width and height in
 source pixels (a flip only changes a sign): the area fraction and aspect ratio of every random
-crop can be checked against the recipe's ranges.
+crop can be checked against the augmentation's ranges.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from cxrfast.pipelines import build_loader
-from cxrfast.pipelines.recipes import RECIPES
+from cxrfast.pipelines.augmentations import AUGMENTATIONS
 from cxrfast.shards import schema
 
 W, H, N = 400, 300, 24
@@ -79,10 +79,10 @@ def crop_size(img: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-@pytest.mark.parametrize("recipe", ["mae", "mrm"])
-def test_random_resized_crop_respects_scale_and_ratio(plane_shards: Path, recipe: str, backend: str) -> None:
-    r = RECIPES[recipe]
-    loader = build_loader(plane_shards, "train", recipe, batch_size=N, backend=backend, device="cpu",
+@pytest.mark.parametrize("augmentation", ["mae", "mrm"])
+def test_random_resized_crop_respects_scale_and_ratio(plane_shards: Path, augmentation: str, backend: str) -> None:
+    r = AUGMENTATIONS[augmentation]
+    loader = build_loader(plane_shards, "train", augmentation, batch_size=N, backend=backend, device="cpu",
                           num_threads=1, mean=0.0, std=1.0, seed=11)
     batch = next(iter(loader))
     areas = []
@@ -93,7 +93,7 @@ def test_random_resized_crop_respects_scale_and_ratio(plane_shards: Path, recipe
         assert r.scale[0] - 0.03 <= area <= 1.0 + 0.03, (i, w, h)
         if area < 0.97:  # a found window (not the full-image fallback) has the aspect ratio in range
             assert r.ratio[0] - 0.05 <= w / h <= r.ratio[1] + 0.05, (i, w, h)
-        if recipe == "mrm":  # target: the same crop and flip at 448
+        if augmentation == "mrm":  # target: the same crop and flip at 448
             tw, th = crop_size(batch["target"][i])
             assert abs(tw - w) < 0.03 * W and abs(th - h) < 0.03 * H
             down = torch.nn.functional.avg_pool2d(batch["target"][i : i + 1].float(), 2)[0]
@@ -114,8 +114,8 @@ def row_width(img: torch.Tensor, row: int) -> float:
 def test_mgca_and_eval_crop_sizes(plane_shards: Path, backend: str) -> None:
     """MGCA: long side 400 -> 256 (rows padded to 256), random 224 crop: the crop spans 224/256 of
     the width. eval: short side 300 -> 256, center 224 crop: 224/256 of the height both ways."""
-    for recipe in ("mgca", "pad_crop"):  # pad_crop: the same geometry without text
-        mgca = build_loader(plane_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+    for augmentation in ("mgca", "pad_crop"):  # pad_crop: the same geometry without text
+        mgca = build_loader(plane_shards, "train", augmentation, batch_size=4, backend=backend, device="cpu",
                             num_threads=1, mean=0.0, std=1.0)
         img = next(iter(mgca))["image"]
         for i in range(4):
@@ -143,8 +143,8 @@ def test_evaluation_crop_geometries(plane_shards: Path, backend: str) -> None:
     """eval_pad (MGCA test): long side 400 -> 256, rows padded, center 224: 224/256 of the width, padding
     above and below. eval_full (MRM, MoCo-CXR test): short side 300 -> 224, center 224: the full height.
     resize_crop: the same scale as eval_full at a random horizontal position."""
-    def images(recipe: str, seed: int = 0) -> torch.Tensor:
-        loader = build_loader(plane_shards, "train", recipe, batch_size=4, backend=backend, device="cpu",
+    def images(augmentation: str, seed: int = 0) -> torch.Tensor:
+        loader = build_loader(plane_shards, "train", augmentation, batch_size=4, backend=backend, device="cpu",
                               num_threads=1, mean=0.0, std=1.0, image_size=224, seed=seed)
         return next(iter(loader))["image"]
 
@@ -206,9 +206,9 @@ def _decoded_checker(shards: Path) -> Image.Image:
 
 
 def _whole_image_crop(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Make recipe `name` crop the whole image, unflipped: its output is then a plain resize."""
-    r = RECIPES[name]
-    monkeypatch.setitem(RECIPES, name, dataclasses.replace(r, scale=(1.0, 1.0), ratio=(W / H, W / H), flip=False))
+    """Make augmentation `name` crop the whole image, unflipped: its output is then a plain resize."""
+    r = AUGMENTATIONS[name]
+    monkeypatch.setitem(AUGMENTATIONS, name, dataclasses.replace(r, scale=(1.0, 1.0), ratio=(W / H, W / H), flip=False))
 
 
 def _mean_abs(a: np.ndarray, b: np.ndarray, margin: int = 4) -> float:
@@ -218,7 +218,7 @@ def _mean_abs(a: np.ndarray, b: np.ndarray, margin: int = 4) -> float:
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_mae_crop_is_resized_bicubic(checker_shards: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """MAE-CXR's RandomResizedCrop is bicubic (PIL's, antialiased) in both backends."""
-    assert RECIPES["mae"].interpolation == "bicubic"
+    assert AUGMENTATIONS["mae"].interpolation == "bicubic"
     _whole_image_crop(monkeypatch, "mae")
     loader = build_loader(checker_shards, "train", "mae", batch_size=2, backend=backend, device="cpu",
                           num_threads=1, mean=0.0, std=1.0)
@@ -252,8 +252,8 @@ def test_mrm_target_bicubic_and_image_halved_like_mrm(
     assert (image - bilinear).abs().mean() > 0.02
 
 
-def test_recipe_validates_interpolation() -> None:
+def test_augmentation_validates_interpolation() -> None:
     with pytest.raises(ValueError, match="interpolation"):
-        dataclasses.replace(RECIPES["mae"], interpolation="lanczos")
+        dataclasses.replace(AUGMENTATIONS["mae"], interpolation="lanczos")
     with pytest.raises(ValueError, match="target_factor must be 2"):
-        dataclasses.replace(RECIPES["mae"], image_from_target=True)
+        dataclasses.replace(AUGMENTATIONS["mae"], image_from_target=True)

@@ -37,7 +37,7 @@ class BackboneFeed:
 
         e, i = self.eng, self.eng.inputs
         return build_loader(
-            e.folder, "train", e.protocol.probe.augment_recipe, batch_size=e.protocol.run.extract_batch_size,
+            e.folder, "train", e.protocol.probe.augmentation, batch_size=e.protocol.run.extract_batch_size,
             backend=e.protocol.run.backend, device=i.device, seed=self.seed % 2**31, rank=0, world_size=1,
             shuffle=True, num_threads=e.protocol.run.num_threads, channels=i.channels, mean=i.mean, std=i.std,
             image_size=i.image_size, with_keys=True,

@@ -2,7 +2,7 @@
 
 The cache key (`FeatureRequest.digest`) covers everything that changes a feature: the encoder's
 identity (its file's sha256), the shard folder (its manifest's sha256), the split, the pipeline
-recipe, input size, normalisation, channels, pooling, precision, device and loader backend. A
+augmentation, input size, normalisation, channels, pooling, precision, device and loader backend. A
 changed encoder file therefore never reuses a stale cache. Files: `CACHE/{split}-{digest}.npz`
 (keys + float32 features) beside `{split}-{digest}.json` (the request), written to a temp name and
 renamed.
@@ -45,7 +45,7 @@ class FeatureRequest:
     encoder: str  # encoder identity: sha256:<file hash>, random:<arch...>, or a caller's cache key
     shards: str  # sha256 of manifest.json
     split: str
-    recipe: str  # pipelines recipe (eval geometry)
+    augmentation: str  # pipelines augmentation (eval geometry)
     image_size: int
     mean: float
     std: float
@@ -97,7 +97,7 @@ def extract(model: nn.Module, folder: ShardFolder, req: FeatureRequest, *, batch
     from cxrfast.progress import progress as reporter
 
     loader = build_loader(
-        folder, req.split, req.recipe, batch_size=batch_size, backend=req.backend, device=req.device, seed=0,
+        folder, req.split, req.augmentation, batch_size=batch_size, backend=req.backend, device=req.device, seed=0,
         rank=0, world_size=1, shuffle=False, num_threads=num_threads, channels=req.channels, mean=req.mean,
         std=req.std, image_size=req.image_size, with_keys=True,
     )  # fmt: skip

@@ -97,11 +97,11 @@ class Engine:
     def device(self) -> torch.device:
         return torch.device("cuda" if self.inputs.device == "gpu" else "cpu")
 
-    def request(self, split: str, recipe: str | None = None) -> features.FeatureRequest:
+    def request(self, split: str, augmentation: str | None = None) -> features.FeatureRequest:
         i = self.inputs
         return features.FeatureRequest(
             encoder=self.identity, shards=features.shards_identity(self.folder), split=split,
-            recipe=recipe or self.protocol.data.eval_recipe, image_size=i.image_size, mean=i.mean, std=i.std,
+            augmentation=augmentation or self.protocol.data.eval_augmentation, image_size=i.image_size, mean=i.mean, std=i.std,
             channels=i.channels, pooling=self.protocol.probe.pooling, precision=i.precision, device=i.device,
             backend=self.protocol.run.backend,
         )  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 from cxrfast.config import apply_overrides, override_keys
 from cxrfast.eval.policies import NOT_MENTIONED_RULES, get_policy
 from cxrfast.eval.tasks import check_views
-from cxrfast.pipelines.recipes import RECIPES
+from cxrfast.pipelines.augmentations import AUGMENTATIONS
 
 POOLINGS = ("cls", "gap")
 HEADS = ("linear", "bn_linear")
@@ -84,7 +84,7 @@ class DataKnobs:
     views: str  # frontal (PA/AP only) | all
     fractions: tuple[float, ...]  # label fractions: shares of the train split's patients, each in (0, 1]
     draws: int  # patient draws per fraction below 1 (fraction 1 is drawn once)
-    eval_recipe: str  # pipelines recipe that makes the features / validate / test inputs
+    eval_augmentation: str  # pipelines augmentation that makes the features / validate / test inputs
     crop_size: int  # the protocol's input side, used when the encoder does not fix one
     norm_mean: float  # the protocol's normalisation (0..1 scale), used when the encoder file has none
     norm_std: float
@@ -104,8 +104,8 @@ class DataKnobs:
         self.fractions = check_fractions(self.fractions)
         if self.draws < 1:
             raise ValueError(f"data.draws must be >= 1, got {self.draws}")
-        if self.eval_recipe not in RECIPES:
-            raise ValueError(f"data.eval_recipe must be a pipelines recipe ({', '.join(RECIPES)}), got {self.eval_recipe!r}")
+        if self.eval_augmentation not in AUGMENTATIONS:
+            raise ValueError(f"data.eval_augmentation must be a pipelines augmentation ({', '.join(AUGMENTATIONS)}), got {self.eval_augmentation!r}")
         if self.norm_std <= 0 or (self.std is not None and self.std <= 0):
             raise ValueError("data.norm_std and data.std must be > 0")
         if self.boot < 100 or not 0.5 < self.ci < 1:
@@ -129,7 +129,7 @@ class ProbeKnobs:
     optimizer: str  # adamw | adam | sgd | lars (LARS as MAE's linear probe)
     batch_size: int  # head training batch
     select_metric: str  # val_loss | val_auc: what picks the head among the evaluations
-    augment_recipe: str  # pipelines recipe of --augment (the per-epoch probe through the backbone)
+    augmentation: str  # pipelines augmentation of --augment (the per-epoch probe through the backbone)
     head: str = "linear"  # linear | bn_linear (BatchNorm1d without affine, then Linear: MAE's linear probe)
     head_init_std: float | None = None  # trunc-normal std of the head weight; None = torch's nn.Linear init
     dropout: float = 0.0  # dropout before the head
@@ -158,8 +158,8 @@ class ProbeKnobs:
             raise ValueError(f"probe.head must be one of {HEADS}, got {self.head!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"probe.dropout must be in [0, 1), got {self.dropout}")
-        if self.augment_recipe not in RECIPES:
-            raise ValueError(f"probe.augment_recipe must be a pipelines recipe, got {self.augment_recipe!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"probe.augmentation must be a pipelines augmentation, got {self.augmentation!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"probe.patience must be >= 1 or none, got {self.patience}")
 
@@ -172,7 +172,7 @@ class FinetuneKnobs:
     optimizer: str  # sgd | adamw | adam
     batch_size: int  # global batch (all ranks)
     select_metric: str  # val_auc | val_loss
-    train_recipe: str  # pipelines recipe of the training images
+    train_augmentation: str  # pipelines augmentation of the training images
     lr: float | None = None
     blr: float | None = None  # lr = blr * batch_size / 256
     weight_decay: float = 0.0
@@ -182,7 +182,7 @@ class FinetuneKnobs:
     layer_decay: float | None = None  # layer-wise lr decay (ViT); None = off
     drop_path: float = 0.0  # stochastic depth rate
     rand_augment: str | None = None  # timm-style RandAugment spec (DALI auto_aug.rand_augment), e.g. rand-m6-mstd0.5-inc1
-    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range of train_recipe
+    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range of train_augmentation
     flip: bool = False  # random horizontal flip
     interpolation: str = "bilinear"  # resize filter of the training crop: bilinear | bicubic
     schedule_rule: str = "fixed"  # fixed | mrm | moco-cxr (as in the probe)
@@ -205,8 +205,8 @@ class FinetuneKnobs:
             raise ValueError(f"finetune.layer_decay must be in (0, 1] or none, got {self.layer_decay}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"finetune.drop_path must be in [0, 1), got {self.drop_path}")
-        if self.train_recipe not in RECIPES:
-            raise ValueError(f"finetune.train_recipe must be a pipelines recipe, got {self.train_recipe!r}")
+        if self.train_augmentation not in AUGMENTATIONS:
+            raise ValueError(f"finetune.train_augmentation must be a pipelines augmentation, got {self.train_augmentation!r}")
         if self.interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"finetune.interpolation must be bilinear or bicubic, got {self.interpolation!r}")
 
@@ -302,10 +302,10 @@ PROTOCOLS: dict[str, Protocol] = {
         name="mgca",
         doc="MGCA linear classification: frozen ViT, CLS -> Linear, AdamW 5e-4 wd 1e-6, batch 48, <= 50 epochs, "
         "early stop (patience 10) and selection on validate loss; uncertain labels per MGCA; frontal views",
-        data=DataKnobs(policy="mgca", views="frontal", fractions=CHEXPERT_FRACTIONS, draws=1, eval_recipe="eval_pad",
+        data=DataKnobs(policy="mgca", views="frontal", fractions=CHEXPERT_FRACTIONS, draws=1, eval_augmentation="eval_pad",
                        crop_size=224, norm_mean=0.5, norm_std=0.5),
         probe=ProbeKnobs(pooling="cls", optimizer="adamw", lr=5e-4, weight_decay=1e-6, batch_size=48, drop_last=True,
-                         epochs=50, select_metric="val_loss", patience=10, augment_recipe="pad_crop"),
+                         epochs=50, select_metric="val_loss", patience=10, augmentation="pad_crop"),
         finetune=None,
     ),
     "mrm": Protocol(
@@ -313,14 +313,14 @@ PROTOCOLS: dict[str, Protocol] = {
         doc="MRM fine-tuning: global average pool + fc_norm, SGD momentum 0.9, warmup-cosine, fixed step counts "
         "per dataset and fraction, batch 96, DropPath 0.1, grad clip 1, selection on validate mean AUC; the "
         "linear probe trains the head alone with the same optimiser and schedule (MRM publishes no linear probe)",
-        data=DataKnobs(policy="mgca", views="all", fractions=CHEXPERT_FRACTIONS, draws=1, eval_recipe="eval_full",
+        data=DataKnobs(policy="mgca", views="all", fractions=CHEXPERT_FRACTIONS, draws=1, eval_augmentation="eval_full",
                        crop_size=224, norm_mean=0.4978, norm_std=0.2449),
         probe=ProbeKnobs(pooling="gap", optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=96,
                          schedule_rule="mrm", lr_schedule="cosine", clip_grad=1.0, head_init_std=2e-5,
-                         select_metric="val_auc", augment_recipe="mae"),
+                         select_metric="val_auc", augmentation="mae"),
         finetune=FinetuneKnobs(pooling="gap", optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=96,
                                schedule_rule="mrm", lr_schedule="cosine", clip_grad=1.0, drop_path=0.1,
-                               head_init_std=2e-5, train_recipe="mae", crop_scale=(0.08, 1.0), flip=True,
+                               head_init_std=2e-5, train_augmentation="mae", crop_scale=(0.08, 1.0), flip=True,
                                select_metric="val_auc"),
     ),
     "mae-cxr": Protocol(
@@ -328,29 +328,29 @@ PROTOCOLS: dict[str, Protocol] = {
         doc="MAE-CXR: linear probe as main_linprobe_chestxray.py (CLS, BatchNorm + Linear, LARS blr 0.1, batch 512, "
         "90 epochs, warmup 10); fine-tune with GAP, layer decay 0.55, RandAug m6, DropPath 0.2, AdamW blr 2.5e-4, "
         "75 epochs, warmup 5; selection on validate (the published code selects on test)",
-        data=DataKnobs(policy="mae-cxr", views="frontal", fractions=(1.0,), draws=1, eval_recipe="eval",
+        data=DataKnobs(policy="mae-cxr", views="frontal", fractions=(1.0,), draws=1, eval_augmentation="eval",
                        crop_size=224, norm_mean=0.5056, norm_std=0.252),
         probe=ProbeKnobs(pooling="cls", head="bn_linear", head_init_std=0.01, optimizer="lars", blr=0.1,
                          weight_decay=0.0, momentum=0.9, batch_size=512, drop_last=True, epochs=90, warmup_epochs=10,
-                         lr_schedule="cosine", eval_every_epochs=10, select_metric="val_auc", augment_recipe="mae"),
+                         lr_schedule="cosine", eval_every_epochs=10, select_metric="val_auc", augmentation="mae"),
         finetune=FinetuneKnobs(pooling="gap", optimizer="adamw", blr=2.5e-4, weight_decay=0.05, beta2=0.999,
                                layer_decay=0.55, drop_path=0.2, rand_augment="rand-m6-mstd0.5-inc1",
                                crop_scale=(0.08, 1.0), flip=True, interpolation="bicubic", batch_size=1024,
                                epochs=75, warmup_epochs=5, lr_schedule="cosine", min_lr=1e-5, head_init_std=2e-5,
-                               eval_every_epochs=10, select_metric="val_auc", train_recipe="mae"),
+                               eval_every_epochs=10, select_metric="val_auc", train_augmentation="mae"),
     ),
     "moco-cxr": Protocol(
         name="moco-cxr",
         doc="MoCo-CXR: linear (fc only) and full fine-tune, Adam lr 1e-4, batch 16, epochs and validate interval "
         "by fraction, U-Ones, all views, 5 draws by patient, mean of the 10 best validate checkpoints",
         data=DataKnobs(policy="ones", views="all", fractions=(0.001, 0.01, 0.1, 0.5, 1.0), draws=5,
-                       eval_recipe="eval_full", crop_size=320, norm_mean=IMAGENET_GRAY[0], norm_std=IMAGENET_GRAY[1]),
+                       eval_augmentation="eval_full", crop_size=320, norm_mean=IMAGENET_GRAY[0], norm_std=IMAGENET_GRAY[1]),
         probe=ProbeKnobs(pooling="gap", optimizer="adam", lr=1e-4, weight_decay=0.0, batch_size=16,
                          schedule_rule="moco-cxr", select_metric="val_auc", ensemble_top_k=10,
-                         augment_recipe="resize_crop"),
+                         augmentation="resize_crop"),
         finetune=FinetuneKnobs(pooling="gap", optimizer="adam", lr=1e-4, weight_decay=0.0, batch_size=16,
                                schedule_rule="moco-cxr", lr_schedule="constant", select_metric="val_auc",
-                               ensemble_top_k=10, train_recipe="resize_crop"),
+                               ensemble_top_k=10, train_augmentation="resize_crop"),
     ),
 }  # fmt: skip
 

@@ -1,7 +1,7 @@
 """`PretrainModel`: the interface every pre-training model offers the trainer.
 
 The trainer only ever calls what is declared here, so a new family (MGCA, MoCo-CXR) is one new
-module plus one registry entry: `forward(batch) -> {"loss", parts...}`, the data recipe it
+module plus one registry entry: `forward(batch) -> {"loss", parts...}`, the augmentation it
 needs, its FLOP count for MFU, the parameters without weight decay, and its encoder under
 timm's names for export.
 """
@@ -19,14 +19,14 @@ class PretrainModel(nn.Module, metaclass=abc.ABCMeta):
     """Base class of the registry's models.
 
     Attributes:
-        data_recipe: the `build_loader` recipe whose batches `forward` consumes ("mae", "mrm", ...).
+        augmentation: the `build_loader` augmentation whose batches `forward` consumes ("mae", "mrm", ...).
         needs_reports: True when batches must carry report token ids (shards with `ids.i32`).
         timm_name: the timm architecture the exported encoder loads into; together with
             `timm_kwargs`, `timm.create_model(timm_name, **timm_kwargs)` rebuilds the encoder
             (for the small test configs the kwargs override the named architecture's dims).
     """
 
-    data_recipe: ClassVar[str]
+    augmentation: ClassVar[str]
     needs_reports: ClassVar[bool]
     timm_name: str
 

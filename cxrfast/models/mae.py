@@ -109,7 +109,7 @@ def _make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.M
 class MaskedAutoencoder(PretrainModel):
     """MAE with a ViT encoder over visible patches and a light ViT decoder over all patches."""
 
-    data_recipe: ClassVar[str] = "mae"
+    augmentation: ClassVar[str] = "mae"
     needs_reports: ClassVar[bool] = False
 
     def __init__(self, cfg: MAEConfig) -> None:
@@ -250,7 +250,7 @@ class MaskedAutoencoder(PretrainModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch {"image": [B, C, H, W]} -> {"loss", "loss_image"}."""
-        check_batch(batch, ("image",), self.data_recipe)
+        check_batch(batch, ("image",), self.augmentation)
         imgs = batch["image"]
         latent, mask, ids_restore = self.forward_encoder(imgs)
         pred = self.forward_decoder(latent, ids_restore)
@@ -312,11 +312,11 @@ class MaskedAutoencoder(PretrainModel):
         return ", ".join(f"{k}={v}" for k, v in fields if isinstance(v, (bool, int, float, str)))
 
 
-def check_batch(batch: dict[str, torch.Tensor], keys: tuple[str, ...], recipe: str) -> None:
-    """ValueError naming the missing batch keys (the loader recipe that provides them is `recipe`)."""
+def check_batch(batch: dict[str, torch.Tensor], keys: tuple[str, ...], augmentation: str) -> None:
+    """ValueError naming the missing batch keys (the loader augmentation that provides them is `augmentation`)."""
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing} (has {sorted(batch)}); this model needs the {recipe!r} data recipe")
+        raise ValueError(f"batch lacks {missing} (has {sorted(batch)}); this model needs the {augmentation!r} augmentation")
 
 
 def _init_linear_layernorm(m: nn.Module) -> None:

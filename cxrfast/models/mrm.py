@@ -89,7 +89,7 @@ class MRMConfig(MAEConfig):
 class MaskedRecordModel(MaskedAutoencoder):
     """MAE image branch (448 target) + BERT MLM report branch fed the mean visible-patch feature."""
 
-    data_recipe: ClassVar[str] = "mrm"
+    augmentation: ClassVar[str] = "mrm"
     needs_reports: ClassVar[bool] = True
 
     def __init__(self, cfg: MRMConfig) -> None:
@@ -149,7 +149,7 @@ class MaskedRecordModel(MaskedAutoencoder):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch {"image": [B, C, H, W], "target": [B, C, 2H, 2W], "ids": [B, L], "attention_mask": [B, L]}
         -> {"loss", "loss_image", "loss_text"}."""
-        check_batch(batch, ("image", "target", "ids", "attention_mask"), self.data_recipe)
+        check_batch(batch, ("image", "target", "ids", "attention_mask"), self.augmentation)
         latent, mask, ids_restore = self.forward_encoder(batch["image"])
         pred = self.forward_decoder(latent, ids_restore)  # [B, N, (2p)^2 C]
         loss_image = self.forward_loss(batch["target"], pred, mask)

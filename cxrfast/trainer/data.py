@@ -35,7 +35,7 @@ def min_over_ranks(value: int) -> int:
 
 def loader_kwargs(request: DataRequest) -> dict[str, Any]:
     """`build_loader` arguments that a method's DataRequest fixes."""
-    return dict(recipe=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
+    return dict(augmentation=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
                 channels=request.channels, text_len=request.text_len, text=request.text)
 
 

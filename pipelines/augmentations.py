@@ -1,4 +1,4 @@
-"""The data recipes of the published systems (DESIGN.md's table), as plain data shared by every
+"""The augmentations of the published systems (DESIGN.md's table), as plain data shared by every
 backend: the DALI graph (`dali_graph.py`), the DataLoader reference (`torch_loader.py`) and the
 synthetic backend read the same numbers from here."""
 
@@ -15,11 +15,11 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Recipe:
-    """One augmentation recipe; sizes are defaults that `build_loader(image_size=, text_len=)` override."""
+class Augmentation:
+    """One augmentation; sizes are defaults that `build_loader(image_size=, text_len=)` override."""
 
     name: str
-    #: what the recipe does, for --help and logs
+    #: what the augmentation does, for --help and logs
     doc: str
     #: default output side of `image` (square)
     image_size: int
@@ -46,9 +46,9 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"recipe {self.name!r}: interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ValueError(f"augmentation {self.name!r}: interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.image_from_target and self.target_factor != 2:
-            raise ValueError(f"recipe {self.name!r}: image_from_target halves the target, so target_factor must be 2, "
+            raise ValueError(f"augmentation {self.name!r}: image_from_target halves the target, so target_factor must be 2, "
                              f"got {self.target_factor}")
 
     @property
@@ -71,7 +71,7 @@ class LoaderConfig:
     """What the DataLoader reference backend needs besides its DataLoader arguments; the DALI
     graph's `GraphConfig` adds the DALI device and output dtype."""
 
-    recipe: Recipe
+    augmentation: Augmentation
     split: ShardSplit
     rank: int
     world_size: int
@@ -92,8 +92,8 @@ def presize(size: int) -> int:
     return round(size * 256 / 224)
 
 
-RECIPES: dict[str, Recipe] = {
-    "mae": Recipe(
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "mae": Augmentation(
         name="mae",
         doc="MAE-CXR: RandomResizedCrop 224 (bicubic), scale (0.5, 1.0), horizontal flip",
         image_size=224,
@@ -101,7 +101,7 @@ RECIPES: dict[str, Recipe] = {
         flip=True,
         interpolation="bicubic",  # medical_mae main_pretrain_multi_datasets_xray.py:170-171
     ),
-    "mrm": Recipe(
+    "mrm": Augmentation(
         name="mrm",
         doc="MRM: RandomResizedCrop 448 (bicubic), scale (0.2, 1.0), flip = target; encoder input = the "
         "target halved by bicubic (no antialias); report ids padded/truncated to 100",
@@ -113,21 +113,21 @@ RECIPES: dict[str, Recipe] = {
         interpolation="bicubic",  # MRM main_pretrain.py:128
         image_from_target=True,  # MRM model_mrm.py:236
     ),
-    "mgca": Recipe(
+    "mgca": Augmentation(
         name="mgca",
         doc="MGCA: long side 256, zero pad to 256x256, random crop 224, no flip; ids to 112",
         image_size=224,
         text_len=112,
         interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py:51-52)
     ),
-    "mgca_eval": Recipe(
+    "mgca_eval": Augmentation(
         name="mgca_eval",
         doc="MGCA validation: long side 256, zero pad to 256x256, center crop 224; ids to 112",
         image_size=224,
         text_len=112,
         interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py:51-52)
     ),
-    "moco": Recipe(
+    "moco": Augmentation(
         name="moco",
         doc="MoCo-CXR: short side 320, two views each with flip, rotation +-10 deg, random crop 320",
         image_size=320,
@@ -136,31 +136,31 @@ RECIPES: dict[str, Recipe] = {
         two_views=True,
         interpolation="bilinear",  # torchvision Resize's default (MoCo-CXR aihc_utils/image_transform.py:10)
     ),
-    "eval": Recipe(
+    "eval": Augmentation(
         name="eval",
         doc="evaluation: resize short side to 256 (for 224), center crop 224, no randomness",
         image_size=224,
         interpolation="bilinear",
     ),
-    "eval_pad": Recipe(
+    "eval_pad": Augmentation(
         name="eval_pad",
         doc="evaluation (MGCA): long side 256 (for 224), zero pad to 256x256, center crop 224",
         image_size=224,
         interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py)
     ),
-    "eval_full": Recipe(
+    "eval_full": Augmentation(
         name="eval_full",
         doc="evaluation (MRM, MoCo-CXR): resize short side to the output size, center crop (no 256/224 margin)",
         image_size=224,
         interpolation="bilinear",  # torchvision Resize's default (MRM utils/data_utils.py, MoCo-CXR base_dataset.py)
     ),
-    "pad_crop": Recipe(
+    "pad_crop": Augmentation(
         name="pad_crop",
         doc="MGCA classifier training: the mgca geometry (long side 256, zero pad, random crop 224) without text",
         image_size=224,
         interpolation="bilinear",  # deviation: MGCA resizes with cv2.INTER_AREA (mgca/datasets/utils.py)
     ),
-    "resize_crop": Recipe(
+    "resize_crop": Augmentation(
         name="resize_crop",
         doc="MoCo-CXR classifier training: resize short side to the output size, random crop of that size, no flip",
         image_size=320,
@@ -169,7 +169,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    return RECIPES[name]
+def get_augmentation(name: str) -> Augmentation:
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]
