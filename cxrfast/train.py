@@ -1,7 +1,8 @@
 """Pre-train a preset under DeepSpeed ZeRO.
 
     cxrfast train --preset tiny_mrm --shards data/shards/mimic --out runs/demo epochs=2
-    deepspeed --num_gpus 4 --module cxrfast.train --preset mrm_vitb --shards data/shards/mimic --out runs/mrm
+    deepspeed --num_gpus 4 --module cxrfast.train --preset mrm_vitb --shards data/shards/mimic-1280 \\
+        --out runs/mrm method.init=mae_pretrain_vit_base.pth
     deepspeed --num_gpus 4 cxrfast/train.py --preset mrm_vitb ...          (from a source checkout)
 
 Trailing `key=value` arguments override the preset (`cxrfast.config`: dotted paths such as

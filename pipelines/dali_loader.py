@@ -37,6 +37,7 @@ class DaliLoader:
         num_threads: int,
         device_id: int | None,
         out_dtype: torch.dtype,
+        fp32_outputs: tuple[str, ...] = (),
         drop_last: bool = False,
         checkpointing: bool = False,
         checkpoint: bytes | None = None,
@@ -45,6 +46,7 @@ class DaliLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.out_dtype = out_dtype
+        self.fp32_outputs = frozenset(fp32_outputs)
         self._names = output_names(cfg)
         self.pipeline = cxr_pipeline(
             cfg,
@@ -98,7 +100,7 @@ class DaliLoader:
         for name, t in out.items():
             if name == "key":
                 batch["key"] = [key_from_source_info(row) for row in t]
-            elif t.is_floating_point() and t.dtype != self.out_dtype:
+            elif t.is_floating_point() and name not in self.fp32_outputs and t.dtype != self.out_dtype:
                 batch[name] = t.to(self.out_dtype)  # bf16: DALI has no bfloat16 output
             else:
                 batch[name] = t

@@ -59,6 +59,7 @@ def build_loader(
     shuffle: bool = True,
     num_threads: int = 4,
     dtype: torch.dtype = torch.float32,
+    fp32_outputs: tuple[str, ...] = (),
     channels: int = 1,
     mean: float | None = None,
     std: float | None = None,
@@ -83,6 +84,8 @@ def build_loader(
     text: which report text becomes `ids` for augmentations with text outputs, a name in
     `cxrfast.shards.schema.TEXTS`: "findings_impression" (default) or "report" (the whole report,
     MRM's text).
+    dtype: the floating outputs' dtype, except the image outputs named in `fp32_outputs`, which stay
+    float32 (a loss target, e.g. MRM's "target", kept in full precision under bf16 training).
     """
     r = get_augmentation(augmentation)
     if backend not in BACKENDS:
@@ -104,6 +107,12 @@ def build_loader(
     text_len = (text_len or r.text_len) if r.needs_text else None
     text = (text or DEFAULT_TEXT) if r.needs_text else None
     image_size = image_size or r.image_size
+    outputs = r.sizes(image_size)
+    unknown = sorted(set(fp32_outputs) - set(outputs))
+    if unknown:
+        raise ValueError(f"fp32_outputs {unknown} are not image outputs of augmentation {augmentation!r} "
+                         f"({sorted(outputs)})")
+    fp32_outputs = tuple(sorted(set(fp32_outputs)))
     rank, world_size, local_rank = dist_env(rank, world_size)
     torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
     folder = open_shards(shards)
@@ -121,6 +130,7 @@ def build_loader(
             num_labels=len(folder.label_names),
             device=torch_device,
             dtype=dtype,
+            fp32_outputs=fp32_outputs,
             channels=channels,
             image_size=image_size,
             text_len=text_len,
@@ -146,12 +156,13 @@ def build_loader(
 
         return TorchLoader(
             LoaderConfig(**common), batch_size=batch_size, num_workers=num_threads, device=torch_device,
-            dtype=dtype, drop_last=drop_last,
+            dtype=dtype, fp32_outputs=fp32_outputs, drop_last=drop_last,
         )
     from cxrfast.pipelines.dali_graph import GraphConfig
     from cxrfast.pipelines.dali_loader import DaliLoader
 
-    cfg = GraphConfig(device=device, dtype=_DTYPES[dtype], **common)
+    graph_dtype = "float32" if fp32_outputs else _DTYPES[dtype]  # fp32 outputs: the rest is cast after
+    cfg = GraphConfig(device=device, dtype=graph_dtype, **common)
     log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", augmentation, device, rank, world_size, sp.samples)
     share = rank_share(sp.samples, rank, world_size)
     if drop_last and share < batch_size:
@@ -161,6 +172,6 @@ def build_loader(
         )
     return DaliLoader(
         cfg, batch_size=batch_size, num_threads=num_threads, device_id=local_rank if device == "gpu" else None,
-        out_dtype=dtype, drop_last=drop_last, checkpointing=checkpointing or checkpoint is not None,
+        out_dtype=dtype, fp32_outputs=fp32_outputs, drop_last=drop_last, checkpointing=checkpointing or checkpoint is not None,
         checkpoint=checkpoint,
     )

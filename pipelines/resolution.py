@@ -112,11 +112,12 @@ def target_resolution(
 
 def require_target_resolution(
     shards, augmentation: str = "mrm", *, image_size: int | None = None, on_too_small: str = "error",
-    aspect: float = MIMIC_ASPECT,
+    aspect: float = MIMIC_ASPECT, switch: str | None = None,
 ) -> TargetResolution:
     """Check the shard folder `shards` against the crop `target` of `augmentation` (one with a
     `target_factor`, at `image_size` or its default). `on_too_small`: "error" raises ValueError with the
-    size to re-shard at, "warn" logs it and returns."""
+    size to re-shard at (and `switch`, the caller's way to go on anyway, when given), "warn" logs it and
+    returns."""
     if on_too_small not in POLICIES:
         raise ValueError(f"on_too_small must be one of {POLICIES}, got {on_too_small!r}")
     r = get_augmentation(augmentation)
@@ -126,6 +127,6 @@ def require_target_resolution(
     res = target_resolution(open_shards(shards), target=target, scale=r.scale, ratio=r.ratio, aspect=aspect)
     if not res.ok:
         if on_too_small == "error":
-            raise ValueError(res.message)
+            raise ValueError(res.message + (f"; or train on them anyway with {switch}" if switch else ""))
         log.warning("%s", res.message)
     return res

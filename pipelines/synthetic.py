@@ -24,6 +24,7 @@ class SyntheticLoader:
         num_labels: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        fp32_outputs: tuple[str, ...] = (),
         channels: int = 1,
         image_size: int | None = None,
         text_len: int | None = None,
@@ -42,7 +43,7 @@ class SyntheticLoader:
         b = batch_size
         batch: dict[str, torch.Tensor] = {}
         for name, side in augmentation.sizes(image_size).items():
-            gray = torch.randn(b, 1, side, side, generator=g).to(dtype)
+            gray = torch.randn(b, 1, side, side, generator=g).to(torch.float32 if name in fp32_outputs else dtype)
             batch[name] = gray.expand(-1, channels, -1, -1).contiguous()  # replicated like the real backends
         batch["labels"] = torch.randint(-2, 2, (b, num_labels), generator=g, dtype=torch.int8)
         if text_len is not None:

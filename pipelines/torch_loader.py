@@ -162,6 +162,7 @@ class TorchLoader:
         num_workers: int,
         device: torch.device,
         dtype: torch.dtype,
+        fp32_outputs: tuple[str, ...] = (),
         drop_last: bool = False,
     ) -> None:
         self.cfg = cfg
@@ -170,6 +171,7 @@ class TorchLoader:
         self.num_workers = max(1, num_workers)  # workers seed the transforms' RNG reproducibly
         self.device = device
         self.dtype = dtype
+        self.fp32_outputs = frozenset(fp32_outputs)
         self.drop_last = drop_last
         if len(cfg.split.tars) < cfg.world_size:
             raise ValueError(
@@ -207,9 +209,11 @@ class TorchLoader:
             prefetch_factor=4,
         )
         for batch in loader:
-            yield {
-                k: (v.to(self.device, non_blocking=True, dtype=self.dtype if v.is_floating_point() else None)
-                    if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items()
-            }
+            yield {k: self._to_device(k, v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.dataset.epoch += 1
+
+    def _to_device(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        dtype = None
+        if t.is_floating_point():
+            dtype = torch.float32 if name in self.fp32_outputs else self.dtype
+        return t.to(self.device, non_blocking=True, dtype=dtype)

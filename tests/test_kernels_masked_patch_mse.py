@@ -23,6 +23,7 @@ def _inputs(b: int, c: int, patch: int, grid_hw: tuple[int, int], dtype: torch.d
     gh, gw = grid_hw
     n = gh * gw
     pred = torch.randn(b, n, patch * patch * c, generator=g).to(dtype)
+    # fp32 whatever pred's dtype: the trainer keeps loss targets fp32 under bf16 (DataRequest.fp32_outputs)
     target = torch.rand(b, c, gh * patch, gw * patch, generator=g) * 2 - 0.5
     mask = (torch.rand(b, n, generator=g) < 0.6).float()
     mask[:, 0] = 1.0  # at least one masked patch per sample

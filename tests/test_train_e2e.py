@@ -80,6 +80,9 @@ def test_two_ranks_zero2_export_and_exact_mid_epoch_resume(mimic_shards: Path, t
     assert cfg["world_size"] == 2 and cfg["deepspeed"]["zero_optimization"]["stage"] == 2
     assert cfg["deepspeed"]["gradient_accumulation_steps"] == 2 and cfg["deepspeed"]["train_batch_size"] == 4
     assert cfg["deepspeed"]["bf16"]["enabled"] and cfg["preset"] == "tiny_mrm" and cfg["method"]["name"] == "mrm"
+    m = cfg["method"]  # MRM's published settings, the preset's defaults
+    assert (m["text"], m["mlm_replace_mask"], m["mlm_replace_random"], m["mlm_all_positions"], m["text_init"],
+            m["text_tie_decoder"], m["pos_embed"], m["decay_tokens"]) == ("report", 1.0, 0.0, True, "mrm", False, "mrm", True)
     assert cfg["steps_per_epoch"] == spe
 
     # Metrics: every step, each loss part, lr, throughput, data-wait share; TensorBoard alongside.
@@ -151,6 +154,29 @@ def test_single_process_overfits_one_batch(mimic_shards: Path, tmp_path: Path):
 
 def _cxrfast_train(args: list[str]) -> subprocess.CompletedProcess:
     return _run([str(VENV_BIN / "cxrfast"), "train", *args])
+
+
+@pytest.mark.slow
+def test_mrm_from_an_official_mae_checkpoint_through_cxrfast_train(mimic_shards: Path, tmp_path: Path):
+    """`cxrfast train --preset tiny_mrm method.init=FILE` (MRM's published settings) starts from a checkpoint
+    in MAE's official format: every encoder tensor is loaded, the RGB filters summed, and the file's position
+    table is the one the exported encoder carries."""
+    from safetensors.torch import load_file
+    from test_init_weights import rgb_vit
+
+    sd = dict(rgb_vit(num_classes=0).state_dict())
+    sd["pos_embed"] = torch.randn_like(sd["pos_embed"])
+    ckpt = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": sd}, ckpt)
+    out = tmp_path / "run"
+    proc = _cxrfast_train(["--preset", "tiny_mrm", "--shards", str(mimic_shards), "--out", str(out),
+                           f"method.init={ckpt}", "epochs=1", "warmup_epochs=0", "log_every=1", "num_threads=1"])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert f"init from {ckpt}: {len(sd)} encoder tensors loaded, 0 missing, 0 unexpected" in proc.stderr
+    assert "adapted patch_embed.proj.weight: 3 input channels summed to 1" in proc.stderr
+    assert json.loads((out / "config.json").read_text())["method"]["init"] == str(ckpt)
+    assert all(r["loss_text"] == r["loss_text"] for r in _metrics(out))
+    assert torch.equal(load_file(out / "encoder.safetensors")["pos_embed"], sd["pos_embed"])
 
 
 @pytest.mark.slow

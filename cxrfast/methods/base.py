@@ -18,6 +18,7 @@ ZeRO's (bf16 compute copy, fp32 master in the optimizer) and may not be under th
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,6 +48,9 @@ class DataRequest:
     channels: int = 1  # image channels fed to the network (grayscale replicated when 3)
     text_len: int | None = None  # token length of `ids` / `attention_mask`; None = no report text
     text: str | None = None  # which report text becomes `ids` (a name in cxrfast.shards.schema.TEXTS); None = the default
+    #: image outputs delivered as float32 whatever the run's precision (loss targets: the published code
+    #: computes its losses against fp32 images under fp16 autocast); the network casts its own inputs
+    fp32_outputs: tuple[str, ...] = ()
 
     @property
     def needs_reports(self) -> bool:
@@ -78,6 +82,13 @@ class StepContext:
     global_batch: int  # samples per optimizer step over all ranks (micro-batch x accumulation x world size)
     accumulation: int  # micro-batches per optimizer step on each rank
     engine: Any = field(default=None, repr=False)  # the DeepSpeed engine (e.g. for fp32 master weights)
+
+
+def add_weight_decay_exempt(named_parameters: Iterable[tuple[str, nn.Parameter]]) -> set[str]:
+    """The names timm 0.3.2's `optim_factory.add_weight_decay(model, wd)` (no skip list) trains without
+    weight decay: 1-D tensors and names ending in `.bias`. MAE, MAE-CXR and MRM group their parameters
+    with it (main_pretrain.py), so their tokens, position tables and BERT embeddings are decayed."""
+    return {n for n, p in named_parameters if p.requires_grad and (p.ndim == 1 or n.endswith(".bias"))}
 
 
 class Method(nn.Module, abc.ABC):

@@ -1,35 +1,65 @@
 """MAE and MAE-CXR as a method: a masked autoencoder on the image (`cxrfast.models.mae`).
 
-Batches: the `mae` augmentation (RandomResizedCrop 224, flip). Loss: MSE on the removed patches
+Batches: the `mae` augmentation (RandomResizedCrop 224, flip); the image is also the loss target,
+so it arrives in fp32 and the network casts its own input. Loss: MSE on the removed patches
 (per-patch normalised target with `norm_pix_loss`). Export: the ViT encoder under timm's names.
+`init` starts the encoder from a local weights file (`cxrfast.models.load_encoder_weights`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig
+from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, add_weight_decay_exempt
 from cxrfast.shards.folder import ShardFolder
 
+log = logging.getLogger(__name__)
+
 PIXEL_NORMS = ("published", "shards")
+#: `cxrfast.models.pos_embed.VARIANTS` (not imported: configs and presets load without timm)
+POS_EMBEDS = ("mae", "mrm")
+#: torchvision's ImageNet RGB normalisation (MAE; MAE-CXR on CheXpert and MIMIC-CXR).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def gray_normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[float, float]:
+    """One-channel (m, s) for a per-channel normalisation (mean_c, std_c) of a gray image replicated
+    to C channels (PIL `.convert("RGB")`): the channel average of the normalised channels,
+    avg_c((x - mean_c) / std_c) = (x - m) / s, i.e. 1/s = avg_c(1/std_c), m = s * avg_c(mean_c / std_c).
+
+    That average is what a patch embedding whose RGB filters are summed to one channel sees (up to the
+    factor C it absorbs), and as a loss target it has the published loss scale to 1e-4 for ImageNet's
+    constants (0.2260 against the root-mean-square 0.2260). ImageNet's give (0.4488, 0.2260).
+    """
+    if len(mean) != len(std) or not mean or min(std) <= 0:
+        raise ValueError(f"need as many means as stds (> 0), got {tuple(mean)} and {tuple(std)}")
+    inv = sum(1.0 / s for s in std) / len(std)
+    return sum(m / s for m, s in zip(mean, std, strict=True)) / len(std) / inv, 1.0 / inv
+
+
+_IMAGENET_GRAY = gray_normalisation(IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclass(kw_only=True)
 class MAEMethodConfig(MethodConfig):
-    """A masked autoencoder (MAE, MAE-CXR)."""
+    """A masked autoencoder (MAE, MAE-CXR). Defaults: MAE's published code (ViT-B)."""
 
     arch: str = "mae_vit_base_patch16"  # network in cxrfast.models.MODELS
     mask_ratio: float = 0.75  # share of image patches removed from the encoder input
     norm_pix_loss: bool = True  # MSE on per-patch normalised pixels
     fused: bool = True  # fused (Triton) masking/loss kernels on CUDA; false = plain-PyTorch references
     pixel_norm: str = "published"  # published: normalise with mean/std below; shards: the shards' measured statistics
-    mean: float = 0.5  # pixel mean on the 0..1 scale (pixel_norm=published)
-    std: float = 0.25  # pixel std on the 0..1 scale (pixel_norm=published)
-    decay_tokens: bool = False  # weight decay on cls_token/mask_token too (the published MAE code decays them)
+    mean: float = _IMAGENET_GRAY[0]  # pixel mean on the 0..1 scale (pixel_norm=published); ImageNet's RGB, see gray_normalisation
+    std: float = _IMAGENET_GRAY[1]  # pixel std on the 0..1 scale (pixel_norm=published)
+    decay_tokens: bool = True  # the published grouping (timm add_weight_decay: tokens decayed); false = cls/mask tokens exempt
+    pos_embed: str = "mae"  # fixed sin-cos tables: mae (MAE's util/pos_embed.py) | mrm (MRM's); an init file's table wins
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -38,6 +68,8 @@ class MAEMethodConfig(MethodConfig):
             raise ValueError(f"method.pixel_norm must be one of {PIXEL_NORMS}, got {self.pixel_norm!r}")
         if self.std <= 0:
             raise ValueError(f"method.std must be > 0, got {self.std}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"method.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
 
 
 def resolve_pixel_norm(cfg: MAEMethodConfig, shards: ShardFolder) -> tuple[float, float]:
@@ -51,6 +83,8 @@ class MAE(Method):
     name: ClassVar[str] = "mae"
     config_cls: ClassVar[type[MethodConfig]] = MAEMethodConfig
     augmentation: ClassVar[str] = "mae"
+    #: batch images kept fp32 under bf16: the loss target (here the input image itself)
+    fp32_outputs: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, cfg: MAEMethodConfig, *, mean: float, std: float, **net_kwargs: Any) -> None:
         from cxrfast.models import build_model
@@ -59,16 +93,29 @@ class MAE(Method):
         self.cfg = cfg
         self.mean, self.std = mean, std
         self.net = build_model(cfg.arch, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, fused=cfg.fused,
-                               **net_kwargs)
+                               pos_embed=cfg.pos_embed, **net_kwargs)
 
     @classmethod
     def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MAE:
         assert isinstance(cfg, MAEMethodConfig)
         mean, std = resolve_pixel_norm(cfg, shards)
-        return cls(cfg, mean=mean, std=std)
+        return cls(cfg, mean=mean, std=std).init_encoder()
+
+    def init_encoder(self) -> MAE:
+        """Load `cfg.init` (a local file; nothing is downloaded) into the encoder; the decoder (and MRM's
+        report branch) keep their random init. FileNotFoundError / ValueError name the file."""
+        if self.cfg.init is not None:
+            from cxrfast.models import load_encoder_weights
+
+            report = load_encoder_weights(self.net, self.cfg.init)
+            if report.missing:
+                log.warning("method.init=%s left %d encoder tensors at their random init: %s", self.cfg.init,
+                            len(report.missing), ", ".join(report.missing[:6]))
+        return self
 
     def data_request(self, split: str) -> DataRequest:
-        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=self.mean, std=self.std)
+        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=self.mean, std=self.std,
+                           fp32_outputs=self.fp32_outputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.net(batch)
@@ -77,10 +124,11 @@ class MAE(Method):
         return float(self.net.flops_per_image())
 
     def no_weight_decay(self) -> set[str]:
-        skip = {f"net.{n}" for n in self.net.no_weight_decay()}
+        """decay_tokens (published): exactly timm's add_weight_decay grouping (1-D tensors and biases);
+        otherwise also the cls/mask tokens."""
         if self.cfg.decay_tokens:
-            skip -= {"net.cls_token", "net.mask_token"}
-        return skip
+            return add_weight_decay_exempt(self.named_parameters())
+        return {f"net.{n}" for n in self.net.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)

@@ -206,13 +206,18 @@ class MaskedAutoencoder(PretrainModel):
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"{what}: expected [B, {', '.join(map(str, expected))}], got {tuple(imgs.shape)}")
 
+    def _embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, C, H, W] -> patch tokens [B, N, D], the input cast to the weights' dtype (an fp32 image
+        that is also the loss target reaches a bf16 network unchanged)."""
+        return self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype))
+
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs [B, C, H, W] -> (latent [B, 1+K, D] (cls first), mask [B, N] (1 = removed), ids_restore [B, N])."""
         self._check_image(imgs, self.cfg.img_size, "encoder input")
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        x = self.patch_embed(imgs)  # [B, N, D]
+        x = self._embed(imgs)  # [B, N, D]
         pos = self.pos_embed.to(x.dtype)  # the fixed table is an fp32 buffer; activations may be bf16
         masked = random_masking(x, pos[:, 1:], ratio, generator, impl=self.impl)  # x: [B, K, D]
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
@@ -223,7 +228,7 @@ class MaskedAutoencoder(PretrainModel):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Unmasked encoder: imgs [B, C, H, W] -> [B, 1+N, D], the same as timm's `forward_features`."""
         self._check_image(imgs, self.cfg.img_size, "encoder input")
-        x = self.patch_embed(imgs)
+        x = self._embed(imgs)
         pos = self.pos_embed.to(x.dtype)
         x = x + pos[:, 1:]
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)

@@ -51,6 +51,15 @@ class ModelSpec:
         """The keyword arguments `build_model` accepts for this entry."""
         return sorted(f.name for f in dataclasses.fields(self.config_cls) if f.init)
 
+    def value(self, name: str) -> Any:
+        """The config field `name` this entry builds with when not overridden: the preset's, else the default."""
+        if name in self.preset:
+            return self.preset[name]
+        fields = {f.name: f for f in dataclasses.fields(self.config_cls) if f.init}
+        if name not in fields or fields[name].default is dataclasses.MISSING:
+            raise ValueError(f"{self.config_cls.__name__} has no field {name!r} with a default")
+        return fields[name].default
+
 
 MODELS: dict[str, ModelSpec] = {
     "mae_vit_small_patch16": ModelSpec(

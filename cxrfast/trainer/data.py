@@ -36,7 +36,8 @@ def min_over_ranks(value: int) -> int:
 def loader_kwargs(request: DataRequest) -> dict[str, Any]:
     """`build_loader` arguments that a method's DataRequest fixes."""
     return dict(augmentation=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
-                channels=request.channels, text_len=request.text_len, text=request.text)
+                channels=request.channels, text_len=request.text_len, text=request.text,
+                fp32_outputs=request.fp32_outputs)
 
 
 class EpochData:
