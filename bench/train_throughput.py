@@ -92,7 +92,7 @@ def synthetic_shards(folder: Path, studies: int) -> Path:
 
 #: Settings that do not change a step's speed but need what a benchmark does not have: an init weights
 #: file (MRM's `mae_pretrain_vit_base.pth`) and shards large enough for MRM's 448 target.
-_SPEED_NEUTRAL = ("method.init=none", "method.on_small_shards=warn")
+_SPEED_NEUTRAL = ("method.init=none", "method.text_model=none", "method.on_small_shards=warn")
 
 
 def _config(preset: str, overrides: list[str]):

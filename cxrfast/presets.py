@@ -55,10 +55,18 @@ _MOCO_OPTIM = dict(epochs=20, name="adam", lr=1e-4, weight_decay=1e-4, betas=(0.
 _MOCO_TRAIN = dict(batch_size=16, global_batch_size=16, ckpt_every_epochs=1)
 
 
+#: The published starts, as local files the user provides (nothing is downloaded): torchvision's
+#: ImageNet weights (what `pretrained=True` loads) for MoCo-CXR, DeiT-B and Bio_ClinicalBERT for MGCA.
+#: `method.init=none` (and `method.text_model=none`) start from random weights instead.
+MOCO_INIT = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-19c8e357.pth",
+             "densenet121": "densenet121-a639ec97.pth"}
+MGCA_INIT, MGCA_TEXT_MODEL = "deit_base_patch16_224-b5f2ef4d.pth", "Bio_ClinicalBERT"
+
+
 def _moco_cxr(name: str, arch: str) -> RunConfig:
     """A MoCo-CXR run: the published settings differ between backbones only in the backbone."""
-    return RunConfig(preset=name, method=MoCoMethodConfig(arch=arch), optim=OptimConfig(**_MOCO_OPTIM),
-                     train=TrainConfig(**_MOCO_TRAIN))
+    return RunConfig(preset=name, method=MoCoMethodConfig(arch=arch, init=MOCO_INIT[arch]),
+                     optim=OptimConfig(**_MOCO_OPTIM), train=TrainConfig(**_MOCO_TRAIN))
 
 
 _TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
@@ -98,7 +106,7 @@ PRESETS: dict[str, RunConfig] = {
     ),
     "mgca_vitb": RunConfig(
         preset="mgca_vitb",
-        method=MGCAMethodConfig(image_encoder="vit_base_patch16"),
+        method=MGCAMethodConfig(image_encoder="vit_base_patch16", init=MGCA_INIT, text_model=MGCA_TEXT_MODEL),
         optim=OptimConfig(epochs=50, warmup_epochs=20, **_MGCA_OPTIM),
         train=TrainConfig(batch_size=72, global_batch_size=144, ckpt_every_epochs=1, **_MGCA_SELECT),
     ),

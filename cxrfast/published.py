@@ -214,7 +214,7 @@ _MOCO_GEN = "moco_pretraining/scripts/generate_moco_training_scripts.py"
 _MOCO_TF = "moco_pretraining/moco/aihc_utils/image_transform.py"
 _MOCO_BUILDER = "moco_pretraining/moco/moco/builder.py"
 #: the ImageNet file torchvision's `pretrained=True` (MoCo-CXR's --from-imagenet) loads, per backbone
-_TORCHVISION_IMAGENET = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth",
+_TORCHVISION_IMAGENET = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-19c8e357.pth",
                          "densenet121": "densenet121-a639ec97.pth"}
 
 
@@ -234,9 +234,8 @@ def _moco_cxr(preset: str, arch: str) -> PublishedRecipe:
             Knob(name="initialisation", published="ImageNet (torchvision pretrained=True)",
                  source=f"{_MOCO_RUN}:32 (--from-imagenet); {_MOCO_BUILDER}:28-31", config="method.init",
                  equivalent=_TORCHVISION_IMAGENET[arch],
-                 cxrfast=f"the published start is torchvision's {_TORCHVISION_IMAGENET[arch]}, what pretrained=True loads",
-                 differs="nothing is downloaded and the preset cannot know where the local file is: pass it",
-                 switch=(f"method.init={_TORCHVISION_IMAGENET[arch]}",)),
+                 cxrfast=f"torchvision's {_TORCHVISION_IMAGENET[arch]} (what pretrained=True loads), a local file the "
+                 "user provides; nothing is downloaded", switch=("method.init=none",)),
             Knob(name="input channels", published="RGB (ImageFolder's PIL loader), 3-channel stem",
                  source=f"{_MOCO}:304", cxrfast="1 channel: a gray image copied to 3 channels makes the 3-channel "
                  "stem a 1-channel one with the filters summed (what `method.init` does to an RGB file)"),
@@ -336,13 +335,11 @@ def _mgca(preset: str) -> PublishedRecipe:
                  config="method.image_encoder", equivalent="vit_base_patch16"),
             Knob(name="image encoder initialisation", published="DeiT-B (deit_base_patch16_224-b5f2ef4d.pth)",
                  source=f"{_MGCA_ENC}:82-86", config="method.init", equivalent="deit_base_patch16_224-b5f2ef4d.pth",
-                 differs="nothing is downloaded and the preset cannot know where the local file is: pass it",
-                 switch=("method.init=deit_base_patch16_224-b5f2ef4d.pth",)),
+                 cxrfast="a local file the user provides; nothing is downloaded", switch=("method.init=none",)),
             Knob(name="text encoder initialisation", published="Bio_ClinicalBERT, its first 6 layers",
                  source=f"{_MGCA_ENC}:154,163-168; {_MGCA_BERT}", config="method.text_model",
-                 equivalent="Bio_ClinicalBERT", cxrfast="a local Hugging Face folder",
-                 differs="nothing is downloaded and the preset cannot know where the local folder is: pass it",
-                 switch=("method.text_model=Bio_ClinicalBERT",)),
+                 equivalent="Bio_ClinicalBERT", cxrfast="a local Hugging Face folder the user provides (the shards "
+                 "carry its token ids: `cxrfast shard mimic --tokenizer` it)", switch=("method.text_model=none",)),
             Knob(name="BERT layers", published=6, source=f"{_MGCA_BERT} (num_hidden_layers)", config="method.text_layers"),
             Knob(name="BERT width", published=768, source=f"{_MGCA_BERT} (hidden_size)", config="method.text_width"),
             Knob(name="BERT heads", published=12, source=f"{_MGCA_BERT} (num_attention_heads)", config="method.text_heads"),

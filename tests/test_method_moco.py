@@ -398,6 +398,8 @@ def test_presets_carry_the_published_settings():
         assert (m.arch, m.image_size, m.dim, m.mlp, m.queue_size, m.momentum, m.temperature) == (
             arch, 320, 128, True, 24576, 0.999, 0.2)
         assert (m.pixel_norm, m.mean, m.std, m.decay_all) == ("published", 0.5020, 0.085585, True)
+        assert m.init == {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-19c8e357.pth",
+                          "densenet121": "densenet121-a639ec97.pth"}[arch]  # torchvision's ImageNet weights
         assert (o.name, o.lr, o.weight_decay, o.betas, o.epochs, o.warmup_epochs) == (
             "adam", 1e-4, 1e-4, (0.9, 0.999), 20, 0)
         assert (o.schedule, o.milestones, o.gamma) == ("step", (12, 18, 24), 0.1)
