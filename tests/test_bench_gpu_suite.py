@@ -31,6 +31,8 @@ def test_plan_commands_parse_with_each_benchmark_parser(tmp_path: Path):
             args = module.parse_args(argv[5:])  # SystemExit on an unknown flag
             assert Path(args.out).is_relative_to(tmp_path)
             assert step.result_json is not None and step.result_json.is_relative_to(tmp_path)
+    max_batch = next(s for s in steps if s.name == "max_batch")
+    assert max_batch.argv[max_batch.argv.index("--presets") + 1] == "mrm_vitb"  # mgca_vitb when it is timed too
     train = next(s for s in steps if s.name == "train")
     assert "--presets" in train.argv and train.argv[train.argv.index("--presets") + 1] == "mae_cxr_vitb,mrm_vitb"
     assert set(gpu_suite.registered_presets()) >= {"mae_cxr_vitb", "mrm_vitb"}
