@@ -25,6 +25,7 @@ PRECISIONS = ("bf16", "fp32")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("warmup_cosine", "step", "constant")
 SELECT = ("last", "best")
+SELECT_MODES = ("min", "max")
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,8 @@ class OptimConfig:
     min_lr: float = 0.0  # floor of the cosine decay
     milestones: tuple[float, ...] = ()  # step schedule: epochs at which the lr is multiplied by gamma
     gamma: float = 0.1  # step schedule factor
+    steps: int | None = None  # schedule length in optimizer steps (wins over epochs; e.g. MRM's fine-tune tables)
+    warmup_steps: int | None = None  # linear warmup in optimizer steps (instead of warmup_epochs)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -98,6 +101,23 @@ class OptimConfig:
             raise ValueError("optim.schedule=step needs optim.milestones (epochs), e.g. milestones=120,160")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"optim.gamma must be in (0, 1], got {self.gamma}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"optim.steps must be >= 1 or none, got {self.steps}")
+        if self.warmup_steps is not None:
+            if self.warmup_epochs:
+                raise ValueError("set optim.warmup_steps or optim.warmup_epochs, not both")
+            if self.warmup_steps < 0 or (self.steps is not None and self.warmup_steps > self.steps):
+                raise ValueError(f"optim.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+
+    def run_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs the run spans: `epochs`, or enough epochs to hold `steps` optimizer steps."""
+        if self.steps is None:
+            return self.epochs
+        return -(-self.steps // steps_per_epoch)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole schedule."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
 
     def peak_lr(self, global_batch: int) -> float:
         """The learning rate after warmup: `lr`, else `blr * global_batch / lr_batch_ref`."""
@@ -125,9 +145,13 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing (the method says where)
     compile: bool = False  # torch.compile the method's compile targets (CUDA)
     validate_every_epochs: int = 0  # validation loss on data.validate_split every N epochs; 0 = off
+    validate_every_steps: int = 0  # also validate every N optimizer steps (mid-epoch too, and at the last step); 0 = off
     validate_split: str = "validate"  # the split validation runs on (never test)
     early_stop_patience: int = 0  # stop after N validations without improvement; 0 = never
-    select: str = "last"  # exported encoder: last epoch, or best (lowest validation loss)
+    select: str = "last"  # exported encoder: last epoch, or best (by select_metric on validation)
+    select_metric: str = "val_loss"  # the validation value select=best and early stopping follow (a method may add e.g. val_auc)
+    select_mode: str = "min"  # min | max: whether a lower or a higher select_metric is better
+    keep_best: int = 1  # select=best: keep the N best states as OUT/best/*.safetensors (OUT/encoder.safetensors is the best)
     export: bool = True  # write OUT/encoder.safetensors (timm names) at the end
     peak_tflops: float | None = None  # accelerator peak for MFU when its name is not in the table
 
@@ -148,14 +172,27 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {value}")
-        if self.validate_every_epochs < 0 or self.early_stop_patience < 0:
-            raise ValueError("train.validate_every_epochs and early_stop_patience must be >= 0")
+        if min(self.validate_every_epochs, self.validate_every_steps, self.early_stop_patience) < 0:
+            raise ValueError("train.validate_every_epochs, validate_every_steps and early_stop_patience must be >= 0")
         if self.validate_split == "test":
             raise ValueError("train.validate_split=test: selecting or stopping on the test split is refused; use validate")
         if self.select not in SELECT:
             raise ValueError(f"train.select must be one of {SELECT}, got {self.select!r}")
-        if (self.select == "best" or self.early_stop_patience) and not self.validate_every_epochs:
-            raise ValueError("train.select=best and train.early_stop_patience need train.validate_every_epochs >= 1")
+        if (self.select == "best" or self.early_stop_patience) and not self.validates:
+            raise ValueError("train.select=best and train.early_stop_patience need train.validate_every_epochs >= 1 "
+                             "or train.validate_every_steps >= 1")
+        if self.select_mode not in SELECT_MODES:
+            raise ValueError(f"train.select_mode must be one of {SELECT_MODES}, got {self.select_mode!r}")
+        if not self.select_metric.startswith("val_"):
+            raise ValueError(f"train.select_metric names a validation value (val_loss, val_<part>, or a method's "
+                             f"val_<metric>), got {self.select_metric!r}")
+        if self.keep_best < 1 or (self.keep_best > 1 and self.select != "best"):
+            raise ValueError(f"train.keep_best must be >= 1, and > 1 only with select=best, got {self.keep_best}")
+
+    @property
+    def validates(self) -> bool:
+        """True when the run validates at all."""
+        return bool(self.validate_every_epochs or self.validate_every_steps)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
@@ -170,6 +207,45 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
+MONITOR_POOLINGS = ("auto", "cls", "gap")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    """The in-training monitor: the cached-feature linear probe of `cxrfast eval` on a held-out labelled
+    shard folder every N epochs, with the encoder being trained (per-label and mean test AUC, and the cost,
+    logged to metrics.jsonl and TensorBoard)."""
+
+    every_epochs: int = 0  # probe every N epochs (on rank 0; the other ranks wait); 0 = off
+    shards: str | None = None  # labelled shard folder with train, validate and test splits (e.g. CheXpert)
+    task: str = "chexpert5"  # evaluation task (cxrfast.eval.tasks)
+    protocol: str = "mgca"  # evaluation protocol whose probe settings apply (cxrfast.eval.protocols)
+    fraction: float = 1.0  # share of the monitor folder's train patients the head trains on, in (0, 1]
+    pooling: str = "auto"  # cls | gap | auto (the class token when the encoder has one, else the global average)
+    overrides: tuple[str, ...] = ()  # more protocol knobs as key=value, comma-separated (e.g. probe.epochs=20)
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 0:
+            raise ValueError(f"monitor.every_epochs must be >= 0, got {self.every_epochs}")
+        if self.every_epochs and not self.shards:
+            raise ValueError("monitor.every_epochs needs monitor.shards=DIR (a labelled shard folder, e.g. CheXpert)")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"monitor.fraction must be in (0, 1], got {self.fraction}")
+        if self.pooling not in MONITOR_POOLINGS:
+            raise ValueError(f"monitor.pooling must be one of {MONITOR_POOLINGS}, got {self.pooling!r}")
+        from cxrfast.eval.tasks import get_task
+
+        get_task(self.task)
+        self.protocol_settings()  # the protocol and its overrides are checked as they are set
+
+    def protocol_settings(self):
+        """The probe's `cxrfast.eval.protocols.Protocol`: the preset, the fraction and the overrides."""
+        from cxrfast.eval.protocols import get_protocol
+
+        extra = [f"data.fractions={self.fraction}"] + ([f"probe.pooling={self.pooling}"] if self.pooling != "auto" else [])
+        return get_protocol(self.protocol, extra + list(self.overrides))
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """One pre-training run: the preset it started from, the method's config and the run's sections."""
@@ -179,6 +255,7 @@ class RunConfig:
     optim: OptimConfig
     train: TrainConfig
     data: DataConfig = field(default_factory=DataConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         if self.train.stop_after_epochs is not None and self.train.stop_after_epochs > self.optim.epochs:

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from cxrfast.shards.folder import ShardFolder
+
+#: `validation_step` outputs named with this prefix hold one row per sample ([b, ...]); the trainer
+#: gathers them over every batch and rank and hands them to `Method.validation_metrics`.
+SAMPLE_OUTPUT_PREFIX = "sample_"
 
 
 @dataclass(kw_only=True)
@@ -162,8 +168,16 @@ class Method(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss parts on a validation batch (module in eval mode). Default: `forward`."""
+        """Loss parts on a validation batch (module in eval mode), and optionally per-sample outputs
+        named `sample_*` for `validation_metrics`. Default: `forward`."""
         return self(batch)
+
+    def validation_metrics(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
+        """Epoch-level validation metrics (e.g. a mean AUC) from the `sample_*` outputs of
+        `validation_step`, concatenated over every batch of every rank. Called on every rank with the
+        same arrays, so every rank selects alike; logged as `val_<name>` and selectable with
+        `train.select_metric=val_<name>`. Only the validation split ever reaches it. Default: none."""
+        return {}
 
     def extra_exports(self, out: Path, shards: ShardFolder) -> list[Path]:
         """Files written next to encoder.safetensors at export (e.g. a text encoder); rank 0, fp32 copy."""

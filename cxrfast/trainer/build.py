@@ -45,8 +45,9 @@ def build_optimizer(method: Method, o: OptimConfig, peak_lr: float, *, cuda: boo
 
 
 def lr_schedule(o: OptimConfig, steps_per_epoch: int, peak_lr: float) -> LRSchedule:
-    return LRSchedule(steps_per_epoch=steps_per_epoch, epochs=o.epochs, warmup_epochs=o.warmup_epochs, kind=o.schedule,
-                      min_lr_ratio=o.min_lr / peak_lr, milestones=tuple(o.milestones), gamma=o.gamma)
+    return LRSchedule(steps_per_epoch=steps_per_epoch, epochs=o.run_epochs(steps_per_epoch),
+                      warmup_epochs=o.warmup_epochs, kind=o.schedule, min_lr_ratio=o.min_lr / peak_lr,
+                      milestones=tuple(o.milestones), gamma=o.gamma, total_steps=o.steps, warmup_steps=o.warmup_steps)
 
 
 def build_engine(method: Method, o: OptimConfig, ds_config: dict[str, Any], factor: LRSchedule, peak_lr: float, *,

@@ -10,8 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -41,3 +45,30 @@ def teardown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class RankZeroError(ValueError):
+    """Raised on the other ranks when work done on rank 0 alone failed (the message is rank 0's)."""
+
+
+def on_rank_zero(work: Callable[[], T], *, rank: int) -> T | None:
+    """Run `work` on rank 0 while the other ranks wait; returns its result on rank 0 (None elsewhere).
+    An exception on rank 0 is raised there as it is and on every other rank as `RankZeroError`, so no
+    rank is left waiting in a collective that will never come (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    result: T | None = None
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            failure = e
+    box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise RankZeroError(f"rank 0 failed: {box[0]}")
+    return result

@@ -54,8 +54,10 @@ def load_full_state(method: Method, state: dict[str, torch.Tensor]) -> None:
 
 
 def export_trained(engine: Any, rebuild: Callable[[], Method], out: Path, *, rank: int,
-                   metadata: dict[str, str], write_extra: Callable[[Method], list[Path]]) -> Path | None:
-    """Write `out/encoder.safetensors` (+ the method's extra exports) from the engine; rank 0 returns the path."""
+                   metadata: dict[str, str], write_extra: Callable[[Method], list[Path]],
+                   file: Path | None = None) -> Path | None:
+    """Write `file` (default `out/encoder.safetensors`) + the method's extra exports from the engine;
+    rank 0 returns the path."""
     state = fp32_state(engine, rank=rank)
     if rank != 0:
         return None
@@ -63,7 +65,7 @@ def export_trained(engine: Any, rebuild: Callable[[], Method], out: Path, *, ran
 
     method = rebuild().float().eval()
     load_full_state(method, state)
-    path = write_encoder(method.encoder_export(), out / ENCODER_FILE, metadata=metadata)
+    path = write_encoder(method.encoder_export(), file or out / ENCODER_FILE, metadata=metadata)
     for extra in write_extra(method):
         log.info("exported %s", extra)
     log.info("exported encoder -> %s", path)

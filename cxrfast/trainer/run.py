@@ -22,10 +22,11 @@ from cxrfast.trainer.build import build_engine, loader_dtype, lr_schedule
 from cxrfast.trainer.checkpoint import Checkpointer, RunState
 from cxrfast.trainer.data import EpochData
 from cxrfast.trainer.export import export_trained
+from cxrfast.trainer.kept import KeptStates
 from cxrfast.trainer.loop import LoopPlan, train
 from cxrfast.trainer.metrics import MetricsLogger, Throughput, peak_tflops
 from cxrfast.trainer.schedule import LRSchedule, set_position
-from cxrfast.trainer.validate import Selection, Validator
+from cxrfast.trainer.validate import Selection, Update, Validator
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,17 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
     t = cfg.train
     checkpointer = Checkpointer(engine, out / "checkpoints", every_epochs=t.ckpt_every_epochs,
                                 every_steps=t.ckpt_every_steps, keep=t.ckpt_keep, rank=rank, world_size=world)
-    state, selection, data_state = RunState(), Selection(), None
+    state, data_state = RunState(), None
+    selection = Selection(mode=t.select_mode, keep=t.keep_best)
     if resume is not None:
         state, client, data_state = checkpointer.load(resume, check=lambda c: _check_resume(cfg, c, b, world))
-        selection = Selection(**client.get("selection", {}))
+        selection.restore(client.get("selection", {}))
     if engine.lr_scheduler is not None and "scheduler" not in ds:
         set_position(engine.lr_scheduler, b.schedule, state.step)
+    epochs = cfg.optim.run_epochs(data.steps)
+    total_steps = cfg.optim.total_steps(data.steps)
     stop = t.stop_after_epochs
-    end_epoch = cfg.optim.epochs if stop is None else min(cfg.optim.epochs, state.epoch + stop)
+    end_epoch = epochs if stop is None else min(epochs, state.epoch + stop)
     if rank == 0:
         cfg.save_json(out / "config.json", world_size=world, deepspeed=ds, peak_lr=b.peak_lr, steps_per_epoch=data.steps,
                       shards=str(folder.root), resumed_from=None if resume is None else str(resume))
@@ -143,37 +147,56 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
     throughput = Throughput(world_size=world, flops_per_image=b.flops_per_image,
                             peak=t.peak_tflops or peak_tflops(device_name), cuda=cuda)
     metrics = MetricsLogger(out, enabled=rank == 0)
-    ctx = StepContext(step=state.step, epoch=state.epoch, epochs=cfg.optim.epochs, steps_per_epoch=data.steps,
+    ctx = StepContext(step=state.step, epoch=state.epoch, epochs=epochs, steps_per_epoch=data.steps,
                       rank=rank, world_size=world, global_batch=ds["train_batch_size"],
                       accumulation=ds["gradient_accumulation_steps"], engine=engine)
     engine.module.on_train_start(ctx)
 
     metadata = {"source": type(b.method).__name__, "method": cfg.method_name, "preset": cfg.preset}
 
-    def export(tag: str) -> Path | None:
+    def export(tag: str, file: Path | None = None) -> Path | None:
         def extra(method: Method) -> list[Path]:
             return method.extra_exports(out, folder)
 
         return export_trained(engine, lambda: build_method(cfg.method, folder), out, rank=rank,
-                              metadata={**metadata, "selected": tag}, write_extra=extra)
+                              metadata={**metadata, "selected": tag}, write_extra=extra, file=file)
 
     validator = None
-    if t.validate_every_epochs:
+    if t.validates:
         validator = Validator(folder, engine.module, split=t.validate_split, batch_size=ds["train_micro_batch_size_per_gpu"],
                               backend=cfg.data.backend, dtype=loader_dtype(ds), num_threads=cfg.data.num_threads,
                               rank=rank, world_size=world)
+    kept = KeptStates(out, metric=t.select_metric, mode=t.select_mode, keep=t.keep_best, rank=rank)
+    if t.export and t.select == "best":
+        kept.prune(selection)
 
-    def on_best(st: RunState, values: dict[str, float]) -> None:
-        if t.export and t.select == "best":
-            export(f"best validation loss {values['val_loss']:.6g} after epoch {st.epoch}")
+    def on_select(st: RunState, values: dict[str, float], update: Update) -> None:
+        if not (t.export and t.select == "best"):
+            return
+        name = "validation loss" if t.select_metric == "val_loss" else t.select_metric
+        where = f"after epoch {st.epoch}" if st.micro == 0 else f"at step {st.step} (in epoch {st.epoch + 1})"
+        tag = f"{'best' if update.improved else 'kept'} {name} {values[t.select_metric]:.6g} {where}"
+        if update.kept:
+            path = export(tag, kept.file(st.step))
+            if t.keep_best > 1 and update.improved and rank == 0:
+                kept.copy_best(path)
+        kept.write(selection, dropped=update.dropped)
+
+    monitor = None
+    if cfg.monitor.every_epochs:
+        from cxrfast.trainer.monitor import Monitor
+
+        monitor = Monitor(cfg, folder, out, rank=rank)
 
     def client_state() -> dict[str, Any]:
         return {"preset": cfg.preset, "method": cfg.method_name, "world_size": world, "steps_per_epoch": data.steps,
                 "global_batch": ds["train_batch_size"], "schedule": b.schedule.describe()}
 
-    plan = LoopPlan(end_epoch=end_epoch, seed=t.seed, log_every=t.log_every, stop_after_steps=t.stop_after_steps,
-                    validator=validator, validate_every=t.validate_every_epochs, patience=t.early_stop_patience,
-                    on_best=on_best, client_state=client_state, selection=selection)
+    plan = LoopPlan(end_epoch=end_epoch, seed=t.seed, log_every=t.log_every, end_step=cfg.optim.steps,
+                    stop_after_steps=t.stop_after_steps, validator=validator, validate_every=t.validate_every_epochs,
+                    validate_every_steps=t.validate_every_steps, select_metric=t.select_metric,
+                    patience=t.early_stop_patience, on_select=on_select, client_state=client_state,
+                    selection=selection, monitor=monitor)
     start_step, t0 = state.step, time.perf_counter()
     try:
         state = train(engine, data, ctx, state=state, plan=plan, checkpointer=checkpointer, metrics=metrics,
@@ -182,17 +205,17 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
         metrics.close()
     elapsed = time.perf_counter() - t0
     encoder = None
-    finished = state.epoch == cfg.optim.epochs or (t.early_stop_patience and selection.bad >= t.early_stop_patience)
+    finished = state.step >= total_steps or (t.early_stop_patience and selection.bad >= t.early_stop_patience)
     if t.export and t.select == "last":
         encoder = export(f"last: epoch {state.epoch}, step {state.step}")
     elif t.export and rank == 0:
         encoder = out / "encoder.safetensors"
-        log.info("the exported encoder is the best on %s: validation loss %.6g after epoch %d", t.validate_split,
-                 selection.best, selection.best_epoch)
+        log.info("the exported encoder is the best on %s: %s %.6g at step %d (epoch %d)", t.validate_split,
+                 t.select_metric, selection.best, selection.best_step, selection.best_epoch)
     if rank == 0:
         steps = state.step - start_step
         images = steps * ds["train_batch_size"]
         log.info("done%s: %d steps (%d images) in %.1f s, %.1f images/s; epoch %d/%d; checkpoints %s; encoder %s",
                  "" if finished else " for now", steps, images, elapsed, images / max(elapsed, 1e-9), state.epoch,
-                 cfg.optim.epochs, out / "checkpoints", encoder)
+                 epochs, out / "checkpoints", encoder)
     return state

@@ -6,6 +6,8 @@ warmup `peak * e / warmup` while `e < warmup`; then
   `min + (peak - min) * 0.5 * (1 + cos(pi * (e - warmup) / (epochs - warmup)))`;
 - step (MoCo's `adjust_learning_rate` without --cos): `peak * gamma ** (number of milestones <= e)`;
 - constant: `peak`.
+With `total_steps` / `warmup_steps` (a schedule quoted in optimizer steps, e.g. MRM's fine-tune
+tables) the warmup is `step / warmup_steps` and the cosine runs from `warmup_steps` to `total_steps`.
 `LRSchedule` is the multiplicative factor for `torch.optim.lr_scheduler.LambdaLR`, which DeepSpeed
 steps after every optimizer step. On resume the schedule is rebuilt from the run's config
 (`set_position`), never restored from the checkpoint, so a changed schedule is followed.
@@ -30,6 +32,8 @@ class LRSchedule:
     min_lr_ratio: float = 0.0  # min_lr / peak lr (cosine floor)
     milestones: tuple[float, ...] = ()  # step schedule, in epochs
     gamma: float = 0.1
+    total_steps: int | None = None  # schedule length in optimizer steps (instead of epochs x steps_per_epoch)
+    warmup_steps: int | None = None  # warmup in optimizer steps (instead of warmup_epochs)
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
@@ -38,6 +42,8 @@ class LRSchedule:
             raise ValueError(f"unknown schedule {self.kind!r}")
 
     def __call__(self, step: int) -> float:
+        if self.total_steps is not None or self.warmup_steps is not None:
+            return self._by_steps(step)
         e = step / self.steps_per_epoch
         if e < self.warmup_epochs:
             return e / self.warmup_epochs
@@ -50,9 +56,24 @@ class LRSchedule:
         r = self.min_lr_ratio
         return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def _by_steps(self, step: int) -> float:
+        total = self.total_steps if self.total_steps is not None else self.epochs * self.steps_per_epoch
+        warm = self.warmup_steps if self.warmup_steps is not None else self.warmup_epochs * self.steps_per_epoch
+        if step < warm:
+            return step / warm
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** bisect.bisect_right(self.milestones, step / self.steps_per_epoch)
+        progress = min(1.0, (step - warm) / (total - warm)) if total > warm else 1.0
+        r = self.min_lr_ratio
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def describe(self) -> dict[str, Any]:
-        """The fields as JSON values (as a checkpoint's run_state.json holds them)."""
-        return {**asdict(self), "milestones": list(self.milestones)}
+        """The fields as JSON values (as a checkpoint's run_state.json holds them); the step-quoted
+        fields only when set (so an epoch-quoted schedule describes itself as before they existed)."""
+        out = {**asdict(self), "milestones": list(self.milestones)}
+        return {k: v for k, v in out.items() if v is not None or k not in ("total_steps", "warmup_steps")}
 
 
 def make_scheduler(optimizer, factor: LRSchedule):
