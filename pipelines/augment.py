@@ -135,3 +135,81 @@ def replicate_channels(img: DataNode, channels: int) -> DataNode:
     if channels == 1:
         return img
     return fn.cat(*([img] * channels), axis=0)
+
+
+#: Levels are quantised to 0.2 (timm draws them continuously): 51 bins over [0, 10]. Finer bins cost graph-build
+#: time (the parameter tables are built per bin, and the trainer builds a loader per epoch): 101 bins ~1.7x.
+_RA_BINS = 51
+
+
+def _posterize_increasing(magnitude: float) -> np.ndarray:
+    """timm PosterizeIncreasing: keep 4 - int(level * 0.4) bits (magnitude = level * 0.4); as an AND mask."""
+    bits = 4 - int(magnitude + 1e-6)  # the bins are a linspace: guard int() against 1.9999...
+    return np.array(np.uint8(255) ^ np.uint8(2 ** (8 - bits) - 1), dtype=np.uint8)
+
+
+def _solarize_increasing(magnitude: float) -> np.ndarray:
+    """timm SolarizeIncreasing: threshold 256 - min(256, int(level * 25.6)) (magnitude = level * 25.6)."""
+    return np.array(256 - min(256, int(magnitude + 1e-6)), dtype=np.int32)
+
+
+def _solarize_add(magnitude: float) -> np.ndarray:
+    """timm SolarizeAdd: add min(128, int(level * 11)) below 128 (magnitude = level * 11)."""
+    return np.array(min(128, int(magnitude + 1e-6)), dtype=np.uint8)
+
+
+def rand_augment_ops(channels: int = 1) -> list:
+    """timm's increasing RandAugment op set (`_RAND_INCREASING_TRANSFORMS`), in its order, as DALI
+    `auto_aug` augmentations whose magnitude range at level 10 is timm's. Color (saturation) leaves a
+    grayscale image unchanged, so on one channel it is the identity (kept, so every op is chosen
+    with timm's probability)."""
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.pipeline import do_not_convert
+
+    # The magnitude -> parameter tables are plain NumPy, computed once per bin while the graph is built:
+    # kept out of AutoGraph's conversion (which would make the build several times slower).
+    enhance, kernel = do_not_convert(a.shift_enhance_range), do_not_convert(a.sharpness_kernel)
+    return [
+        a.auto_contrast,
+        a.equalize,
+        a.invert,
+        a.rotate.augmentation((0, 30), True),
+        a.posterize.augmentation((0, 4), False, do_not_convert(_posterize_increasing)),
+        a.solarize.augmentation((0, 256), False, do_not_convert(_solarize_increasing)),
+        a.solarize_add.augmentation((0, 110), False, do_not_convert(_solarize_add)),
+        a.color.augmentation((0, 0.9), True, enhance) if channels == 3 else a.identity,
+        a.contrast.augmentation((0, 0.9), True, enhance),
+        a.brightness.augmentation((0, 0.9), True, enhance),
+        a.sharpness.augmentation((0, 0.9), True, kernel),
+        a.shear_x.augmentation((0, 0.3), True),
+        a.shear_y.augmentation((0, 0.3), True),
+        a.translate_x.augmentation((0, 0.45), True),
+        a.translate_y.augmentation((0, 0.45), True),
+    ]
+
+
+def rand_augment(img: DataNode, spec: str, *, fill: int, size: int) -> DataNode:
+    """timm's RandAugment `spec` (e.g. rand-m6-mstd0.5-inc1) on HWC uint8 images of side `size`: per
+    layer, one op chosen uniformly, applied with probability p at level m (+ Gaussian noise mstd,
+    clipped to [0, 10]) with a random sign; geometric ops fill with `fill` (timm: the mean pixel) and
+    interpolate bilinearly. Needs a pipeline built with `enable_conditionals=True`."""
+    from nvidia.dali import math as dmath
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    from cxrfast.pipelines.rand_augment import LEVEL_MAX, parse_rand_augment
+
+    s = parse_rand_augment(spec)
+    ops = rand_augment_ops()
+    scale = (_RA_BINS - 1) / LEVEL_MAX
+    for _ in range(s.n):
+        op = fn.random.uniform(values=list(range(len(ops))), dtype=types.INT32)
+        if s.magnitude_std > 0:
+            level = dmath.clamp(fn.random.normal(mean=s.magnitude, stddev=s.magnitude_std), 0.0, LEVEL_MAX)
+            level_bin = fn.cast(level * scale + 0.5, dtype=types.INT32)
+        else:
+            level_bin = int(round(s.magnitude * scale))
+        magnitude = signed_bin(level_bin)
+        if fn.random.coin_flip(probability=s.prob):
+            img = select(ops, op, img, magnitude_bin=magnitude, num_magnitude_bins=_RA_BINS, fill_value=fill,
+                         shape=[size, size], interp_type=types.INTERP_LINEAR)
+    return img

@@ -43,10 +43,18 @@ class Augmentation:
     #: MRM: `image` is `target` halved by PyTorch's bicubic without antialiasing (MRM resizes the
     #: 448 batch tensor to 224 in its model), not the crop resized to `image_size` on its own
     image_from_target: bool = False
+    #: timm RandAugment string applied after the crop and flip (e.g. "rand-m6-mstd0.5-inc1"); None = none
+    rand_augment: str | None = None
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"augmentation {self.name!r}: interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.rand_augment is not None:
+            from cxrfast.pipelines.rand_augment import parse_rand_augment
+
+            parse_rand_augment(self.rand_augment)
+            if self.scale is None or self.target_factor or self.two_views:
+                raise ValueError(f"augmentation {self.name!r}: rand_augment follows a single random-resized crop")
         if self.image_from_target and self.target_factor != 2:
             raise ValueError(f"augmentation {self.name!r}: image_from_target halves the target, so target_factor must be 2, "
                              f"got {self.target_factor}")
@@ -100,6 +108,24 @@ AUGMENTATIONS: dict[str, Augmentation] = {
         scale=(0.5, 1.0),
         flip=True,
         interpolation="bicubic",  # medical_mae main_pretrain_multi_datasets_xray.py:170-171
+    ),
+    "finetune": Augmentation(
+        name="finetune",
+        doc="MRM fine-tuning: RandomResizedCrop 224 (bilinear), scale (0.08, 1.0), horizontal flip",
+        image_size=224,
+        scale=(0.08, 1.0),
+        flip=True,
+        interpolation="bilinear",  # MRM NIH_ChestX-ray/utils/data_utils.py: torchvision's defaults
+    ),
+    "finetune_randaug": Augmentation(
+        name="finetune_randaug",
+        doc="MAE-CXR fine-tuning (timm create_transform): RandomResizedCrop 224 (bicubic), scale (0.08, 1.0), "
+        "horizontal flip, RandAugment rand-m6-mstd0.5-inc1",
+        image_size=224,
+        scale=(0.08, 1.0),
+        flip=True,
+        interpolation="bicubic",  # medical_mae util/datasets.py build_transform: interpolation='bicubic'
+        rand_augment="rand-m6-mstd0.5-inc1",  # FINETUNE.md: --aa 'rand-m6-mstd0.5-inc1'
     ),
     "mrm": Augmentation(
         name="mrm",

@@ -49,7 +49,10 @@ def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
             out["image"] = A.normalize(small, mirror=mirror, **norm)
             out["target"] = A.normalize(big, mirror=mirror, **norm)
         else:
-            out["image"] = A.normalize(A.resize_square(crop, size, interp), mirror=mirror, **norm)
+            img = A.resize_square(crop, size, interp)
+            if r.rand_augment:  # timm's order: crop, flip, RandAugment (the flip is fused below; ops are symmetric)
+                img = A.rand_augment(img, r.rand_augment, fill=round(cfg.mean * 255), size=size)
+            out["image"] = A.normalize(img, mirror=mirror, **norm)
     elif r.two_views:  # MoCo: one decode, two independently augmented views
         base = A.resize_shorter(A.decode(jpg, dev), size, interp)
         for name in ("image", "image2"):

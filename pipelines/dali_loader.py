@@ -57,6 +57,7 @@ class DaliLoader:
             prefetch_queue_depth=2,
             enable_checkpointing=checkpointing,
             checkpoint=checkpoint,
+            enable_conditionals=cfg.augmentation.rand_augment is not None,  # RandAugment picks ops per sample with `if`
         )
         self.pipeline.build()
         self._iterator = DALIGenericIterator(

@@ -54,4 +54,5 @@ def read_shards(
         name=READER_NAME,
         **({"shuffle_after_epoch_seed": seed} if shuffle else {}),  # the same on every rank
     )
-    return dict(zip(["jpg", "labels", "ids"], outs, strict=False))
+    names = ["jpg", "labels", "ids"]  # no zip(strict=): DALI's AutoGraph (RandAugment's conditionals) lacks it
+    return {names[i]: out for i, out in enumerate(outs)}

@@ -5,6 +5,8 @@ and the benchmark baseline.
 
 Splitting: tars are dealt to ranks (`tars[rank::world_size]`) and then to workers, so every
 sample is read once per epoch across ranks and workers; ranks may see different sample counts.
+A sample is read iff its tar's DALI index lists it, as with DALI (a subset folder,
+`cxrfast.shards.subset`, indexes only some samples of each tar).
 Randomness: the tar order, the shuffle buffer and the transforms are seeded from
 (seed, rank, epoch, worker), so the same seed gives the same batches.
 """
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrfast.pipelines.augmentations import LoaderConfig, presize
 from cxrfast.shards.schema import TEXTS, decode_member
+from cxrfast.shards.subset import index_keys
 
 SHUFFLE_BUFFER = 1024
 
@@ -36,6 +39,18 @@ def _to_tensor(mean: float, std: float) -> T.Compose:
 
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def timm_rand_augment(spec: str, *, mean: float, interpolation: T.InterpolationMode) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment transform of `spec` on PIL images, with create_transform's settings: fill =
+    the mean pixel, geometric ops resampled with the augmentation's filter, translations up to 45 %."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    from cxrfast.pipelines.rand_augment import parse_rand_augment
+
+    parse_rand_augment(spec)  # the sections cxrfast reproduces, as in the DALI graph
+    pil = {T.InterpolationMode.BILINEAR: Image.BILINEAR, T.InterpolationMode.BICUBIC: Image.BICUBIC}[interpolation]
+    return rand_augment_transform(spec, {"translate_pct": 0.45, "img_mean": round(mean * 255), "interpolation": pil})
 
 
 def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
@@ -64,9 +79,10 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
             return {"image": small_t, "target": big_t}
 
         return mrm
-    if r.scale is not None:  # MAE
+    if r.scale is not None:  # MAE, fine-tuning
         steps = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio, interpolation=interp, antialias=True)]
         steps += [T.RandomHorizontalFlip()] if r.flip else []
+        steps += [timm_rand_augment(r.rand_augment, mean=cfg.mean, interpolation=interp)] if r.rand_augment else []
         mae = T.Compose([*steps, tensor])
         return lambda img: {"image": mae(img)}
     if r.two_views:  # MoCo: one decode + resize, two independent views
@@ -132,6 +148,9 @@ class TarSamples(IterableDataset):
         if self.cfg.shuffle:
             rng = random.Random(f"{self.cfg.seed}-{self.cfg.rank}-{self.epoch}-{wid}")
             stages.append(wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng))
+        listed = {str(t): index_keys(i) for t, i in zip(self.cfg.split.tars, self.cfg.split.idxs, strict=True)
+                  if str(t) in tars}  # fmt: skip
+        stages.insert(2, wds.select(lambda s: s["__key__"] in listed[s["__url__"]]))
         for sample in wds.DataPipeline(*stages):
             yield self.make(sample)
 

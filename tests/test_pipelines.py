@@ -57,6 +57,8 @@ EXPECTED_IMAGES = {
     "pad_crop": {"image": 224},
     "eval_full": {"image": 224},
     "resize_crop": {"image": 320},
+    "finetune": {"image": 224},
+    "finetune_randaug": {"image": 224},
 }
 EXPECTED_TEXT = {"mrm": 100, "mgca": 112, "mgca_eval": 112}
 
