@@ -119,22 +119,28 @@ def _create(arch: str, kwargs: dict[str, Any], seed: int) -> nn.Module:
 
 
 def load_weights(model: nn.Module, arch: str, path: Path) -> None:
-    """Load the local weights file `path` into the timm `model` (no classifier) through
-    `cxrfast.models.init_weights` (wrappers unwrapped, an RGB stem summed to one channel, a position
-    table of another grid resampled), then hold it to a strict fit: the classifier head's keys are
-    dropped, any other missing or unexpected key is a ValueError listing them."""
+    """Load the local weights file `path` into the timm `model` through `cxrfast.models.init_weights`
+    (wrappers unwrapped, an RGB stem summed to one channel, a position table of another grid
+    resampled), then hold it to a strict fit: the file's classifier keys are dropped, and when `model`
+    was built with a new head (fine-tuning) that head and a fresh `fc_norm` may stay unloaded
+    (`cxrfast.models.export.new_head_keys`); any other missing or unexpected key is a ValueError
+    listing them."""
+    from cxrfast.models.export import new_head_keys
     from cxrfast.models.init_weights import load_encoder_weights
 
     report = load_encoder_weights(model, path)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     head = cfg.get("classifier")
     heads = [head] if isinstance(head, str) else list(head or [])
-    dropped = [k for k in report.unexpected if any(k.startswith(h + ".") for h in heads)]
-    unexpected = [k for k in report.unexpected if k not in dropped]
+    own = set(model.state_dict())
+    dropped = [k for k in report.unexpected if any(k.startswith(h + ".") for h in heads) and k not in own]
+    ok_missing, ok_unexpected = new_head_keys(model, (own - set(report.missing)) | set(report.unexpected))
+    unexpected = [k for k in report.unexpected if k not in dropped and k not in ok_unexpected]
+    missing = [k for k in report.missing if k not in ok_missing]
     if dropped:
-        log.info("%s: dropped classifier keys %s (the probe trains its own head)", path, dropped)
-    if report.missing or unexpected:
-        raise ValueError(f"{path} does not fit {arch}: missing keys {report.missing}, unexpected keys {unexpected}")
+        log.info("%s: dropped classifier keys %s (a new head is trained)", path, dropped)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit {arch}: missing keys {missing}, unexpected keys {unexpected}")
 
 
 def load(spec: EncoderSpec) -> LoadedEncoder:

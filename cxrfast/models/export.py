@@ -108,19 +108,42 @@ def timm_overlay(path: str | Path) -> dict[str, Any]:
     return overlay
 
 
+def new_head_keys(model: nn.Module, state_keys: set[str]) -> tuple[set[str], set[str]]:
+    """(missing, unexpected) keys a load of an encoder export (no classifier) into `model` may show
+    when `model` was built with a new classifier: the classifier's parameters (timm's
+    `pretrained_cfg["classifier"]`: ViT `head`, ResNet `fc`, DenseNet `classifier`) are missing; a ViT
+    built with `global_pool="avg"` has a fresh `fc_norm` in place of the final `norm` (MAE's and MRM's
+    fine-tuning drop the pre-trained final norm), so `fc_norm.*` are missing and `norm.*` unexpected."""
+    own = set(model.state_dict())
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    head = cfg.get("classifier")
+    heads = [head] if isinstance(head, str) else list(head or [])
+    missing = {k for k in own - state_keys if any(k.startswith(h + ".") for h in heads)}
+    unexpected: set[str] = set()
+    if isinstance(getattr(model, "fc_norm", None), nn.LayerNorm) and isinstance(getattr(model, "norm", None), nn.Identity):
+        missing |= {k for k in own - state_keys if k.startswith("fc_norm.")}
+        unexpected = {k for k in state_keys - own if k.startswith("norm.")}
+    return missing, unexpected
+
+
 def load_encoder(path: str | Path, **overrides: Any) -> nn.Module:
-    """A timm model (no head, eval mode) rebuilt from the file's metadata and loaded
-    with `strict=True`; `overrides` go to `timm.create_model` (e.g. drop_path_rate, num_classes)."""
+    """A timm model (eval mode) rebuilt from the file's metadata and loaded with `strict=True`;
+    `overrides` go to `timm.create_model` (e.g. drop_path_rate, num_classes, global_pool). With a new
+    classifier (`num_classes` > 0) or pooling, only the keys `new_head_keys` names may be missing or
+    unexpected (they keep their fresh initialisation); any other is a RuntimeError listing them."""
     import timm
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
     model = timm.create_model(meta["arch"], pretrained=False, **{**meta["timm_kwargs"], **overrides})
     state = load_file(str(path))
-    if overrides.get("num_classes"):
+    if overrides.get("num_classes") or "global_pool" in overrides:
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"head.weight", "head.bias"}:
-            raise RuntimeError(f"{path}: missing {missing}, unexpected {unexpected} for {meta['arch']}")
+        ok_missing, ok_unexpected = new_head_keys(model, set(state))
+        bad_missing, bad_unexpected = sorted(set(missing) - ok_missing), sorted(set(unexpected) - ok_unexpected)
+        if bad_missing or bad_unexpected:
+            raise RuntimeError(f"{path} does not fit {meta['arch']} with {overrides}: missing {bad_missing}, "
+                               f"unexpected {bad_unexpected}")
     else:
         model.load_state_dict(state, strict=True)
     return model.eval()
