@@ -72,7 +72,8 @@ def resolve_inputs(data: DataKnobs, run: RunKnobs, *, img_size: int | None, mean
                   precision=precision)  # fmt: skip
 
 
-def _seed(base: int, fraction: float, draw: int) -> int:
+def draw_seed(base: int, fraction: float, draw: int) -> int:
+    """The seed of one draw's training (head or fine-tune), from data.seed, the fraction and the draw."""
     return int(np.random.SeedSequence([base, draw, round(fraction * 1_000_000)]).generate_state(1)[0])
 
 
@@ -125,7 +126,9 @@ class Engine:
         return torch.from_numpy(x).to(self.device), torch.from_numpy(y.astype(np.int64)).to(self.device)
 
 
-def _train_counts(split: LabelledSplit, draw: Draw, mask: np.ndarray) -> dict[str, Any]:
+def train_counts(split: LabelledSplit, draw: Draw, mask: np.ndarray) -> dict[str, Any]:
+    """The draw's patients, images and positives/negatives per label (what results.json's undefined
+    reasons are computed from)."""
     t = split.targets[mask]
     return {
         "patients": len(draw.patients), "images": int(mask.sum()),
@@ -139,7 +142,7 @@ def run_draw(eng: Engine, draw: Draw, cached: dict[str, np.ndarray] | None) -> d
     k, data = eng.protocol.probe, eng.protocol.data
     train = eng.splits["train"]
     mask = np.isin(train.subjects, np.asarray(draw.patients))
-    seed = _seed(data.seed, draw.fraction, draw.index)
+    seed = draw_seed(data.seed, draw.fraction, draw.index)
     sched = head.resolve_schedule(k, n_train=int(mask.sum()), fraction=draw.fraction, task=eng.task)
     if eng.augment:
         from cxrfast.eval.augment_probe import BackboneFeed
@@ -166,7 +169,7 @@ def run_draw(eng: Engine, draw: Draw, cached: dict[str, np.ndarray] | None) -> d
         s = eng.splits[split]
         preds[split] = results.SplitScores(s.keys, s.subjects, head.predict(fit.heads, eng.tensors(xs, s.targets)[0]),
                                            s.targets)  # fmt: skip
-    record = {"fraction": draw.fraction, "draw": draw.index, "seed": seed, "train": _train_counts(train, draw, mask),
+    record = {"fraction": draw.fraction, "draw": draw.index, "seed": seed, "train": train_counts(train, draw, mask),
               "schedule": asdict(sched), "fit": fit.record(), "seconds": time.perf_counter() - t0}  # fmt: skip
     results.save_draw(eng.out, draw, eng.labels, preds, record)
     sel = fit.selected[0]
@@ -200,20 +203,29 @@ def evaluate(eng: Engine) -> dict[str, Any]:
     return res
 
 
-def _config(eng: Engine, encoder: dict[str, Any]) -> dict[str, Any]:
+def folder_config(*, mode: str, task: str, labels: tuple[str, ...], folder: ShardFolder,
+                  splits: dict[str, LabelledSplit], encoder: dict[str, Any], protocol: Protocol,
+                  inputs: Inputs) -> dict[str, Any]:  # fmt: skip
+    """config.json of an evaluation folder: what every number in it was computed under."""
     return {
         "cxrfast_version": cxrfast.__version__,
-        "mode": "linprobe-augment" if eng.augment else "linprobe",
-        "task": eng.task,
-        "labels": list(eng.labels),
-        "shards": {"path": str(eng.folder.root.resolve()), "dataset": eng.folder.dataset,
-                   "manifest_sha256": features.shards_identity(eng.folder)},
-        "split_sizes": {s: {"images": len(v), "patients": int(np.unique(v.subjects).size)} for s, v in eng.splits.items()},
+        "mode": mode,
+        "task": task,
+        "labels": list(labels),
+        "shards": {"path": str(folder.root.resolve()), "dataset": folder.dataset,
+                   "manifest_sha256": features.shards_identity(folder)},
+        "split_sizes": {s: {"images": len(v), "patients": int(np.unique(v.subjects).size)} for s, v in splits.items()},
         "encoder": encoder,
-        "protocol": eng.protocol.to_dict(),
-        "inputs": asdict(eng.inputs),
+        "protocol": protocol.to_dict(),
+        "inputs": asdict(inputs),
         "command_line": " ".join(sys.argv),
     }  # fmt: skip
+
+
+def _config(eng: Engine, encoder: dict[str, Any]) -> dict[str, Any]:
+    return folder_config(mode="linprobe-augment" if eng.augment else "linprobe", task=eng.task, labels=eng.labels,
+                         folder=eng.folder, splits=eng.splits, encoder=encoder, protocol=eng.protocol,
+                         inputs=eng.inputs)  # fmt: skip
 
 
 def _engine(model: nn.Module, identity: str, shards: Path | str | ShardFolder, task: str, protocol: Protocol, *,

@@ -172,7 +172,7 @@ class FinetuneKnobs:
     optimizer: str  # sgd | adamw | adam
     batch_size: int  # global batch (all ranks)
     select_metric: str  # val_auc | val_loss
-    train_augmentation: str  # pipelines augmentation of the training images
+    train_augmentation: str  # pipelines augmentation of the training images (crop, flip, RandAugment: see pipelines/augmentations.py)
     lr: float | None = None
     blr: float | None = None  # lr = blr * batch_size / 256
     weight_decay: float = 0.0
@@ -181,10 +181,6 @@ class FinetuneKnobs:
     momentum: float = 0.9
     layer_decay: float | None = None  # layer-wise lr decay (ViT); None = off
     drop_path: float = 0.0  # stochastic depth rate
-    rand_augment: str | None = None  # timm-style RandAugment spec (DALI auto_aug.rand_augment), e.g. rand-m6-mstd0.5-inc1
-    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range of train_augmentation
-    flip: bool = False  # random horizontal flip
-    interpolation: str = "bilinear"  # resize filter of the training crop: bilinear | bicubic
     schedule_rule: str = "fixed"  # fixed | mrm | moco-cxr (as in the probe)
     epochs: int = 1
     steps: int | None = None
@@ -207,8 +203,6 @@ class FinetuneKnobs:
             raise ValueError(f"finetune.drop_path must be in [0, 1), got {self.drop_path}")
         if self.train_augmentation not in AUGMENTATIONS:
             raise ValueError(f"finetune.train_augmentation must be a pipelines augmentation, got {self.train_augmentation!r}")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"finetune.interpolation must be bilinear or bicubic, got {self.interpolation!r}")
 
 
 @dataclass(kw_only=True)
@@ -218,9 +212,14 @@ class RunKnobs:
     backend: str = "dali"  # loader of the images: dali (GPU or DALI CPU mode) | torch (DataLoader reference)
     device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
     precision: str = "auto"  # encoder precision: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    extract_batch_size: int = 64  # images per encoder forward when extracting features
+    extract_batch_size: int = 64  # images per encoder forward when extracting features (and fine-tune predictions)
     num_threads: int = 4  # DALI threads / DataLoader workers
     cache_dir: str | None = None  # feature cache folder; None = EVAL/features
+    micro_batch_size: int | None = None  # fine-tune: images per rank per forward; None = finetune.batch_size / ranks
+    zero_stage: int = 2  # fine-tune: DeepSpeed ZeRO stage
+    log_every: int = 20  # fine-tune: optimizer steps between metric lines
+    ckpt_every_epochs: int = 1  # fine-tune: checkpoint every N epochs (and at the end; a draw resumes from it)
+    ckpt_every_steps: int = 0  # fine-tune: also checkpoint every N optimizer steps; 0 = off
 
     def __post_init__(self) -> None:
         if self.backend not in ("dali", "torch"):
@@ -230,10 +229,15 @@ class RunKnobs:
                              f"{self.device!r}, {self.precision!r}")  # fmt: skip
         if self.extract_batch_size < 1 or self.num_threads < 1:
             raise ValueError("run.extract_batch_size and run.num_threads must be >= 1")
+        if (self.micro_batch_size is not None and self.micro_batch_size < 1) or self.zero_stage not in (0, 1, 2):
+            raise ValueError("run.micro_batch_size must be >= 1 (or none) and run.zero_stage 0, 1 or 2")
+        if self.log_every < 1 or min(self.ckpt_every_epochs, self.ckpt_every_steps) < 0:
+            raise ValueError("run.log_every must be >= 1 and run.ckpt_every_epochs / ckpt_every_steps >= 0")
 
 
 #: Keys of the `run` section that do not change any number (left out when a folder is resumed).
-RUN_ONLY_KEYS: frozenset[str] = frozenset({"run.extract_batch_size", "run.num_threads", "run.cache_dir"})
+RUN_ONLY_KEYS: frozenset[str] = frozenset({"run.extract_batch_size", "run.num_threads", "run.cache_dir", "run.log_every",
+                                           "run.ckpt_every_epochs", "run.ckpt_every_steps"})
 
 
 @dataclass(kw_only=True)
@@ -320,8 +324,7 @@ PROTOCOLS: dict[str, Protocol] = {
                          select_metric="val_auc", augmentation="mae"),
         finetune=FinetuneKnobs(pooling="gap", optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=96,
                                schedule_rule="mrm", lr_schedule="cosine", clip_grad=1.0, drop_path=0.1,
-                               head_init_std=2e-5, train_augmentation="mae", crop_scale=(0.08, 1.0), flip=True,
-                               select_metric="val_auc"),
+                               head_init_std=2e-5, train_augmentation="finetune", select_metric="val_auc"),
     ),
     "mae-cxr": Protocol(
         name="mae-cxr",
@@ -334,10 +337,9 @@ PROTOCOLS: dict[str, Protocol] = {
                          weight_decay=0.0, momentum=0.9, batch_size=512, drop_last=True, epochs=90, warmup_epochs=10,
                          lr_schedule="cosine", eval_every_epochs=10, select_metric="val_auc", augmentation="mae"),
         finetune=FinetuneKnobs(pooling="gap", optimizer="adamw", blr=2.5e-4, weight_decay=0.05, beta2=0.999,
-                               layer_decay=0.55, drop_path=0.2, rand_augment="rand-m6-mstd0.5-inc1",
-                               crop_scale=(0.08, 1.0), flip=True, interpolation="bicubic", batch_size=1024,
-                               epochs=75, warmup_epochs=5, lr_schedule="cosine", min_lr=1e-5, head_init_std=2e-5,
-                               eval_every_epochs=10, select_metric="val_auc", train_augmentation="mae"),
+                               layer_decay=0.55, drop_path=0.2, batch_size=1024, epochs=75, warmup_epochs=5,
+                               lr_schedule="cosine", min_lr=1e-5, head_init_std=2e-5, eval_every_epochs=10,
+                               select_metric="val_auc", train_augmentation="finetune_randaug"),
     ),
     "moco-cxr": Protocol(
         name="moco-cxr",

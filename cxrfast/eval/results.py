@@ -6,6 +6,8 @@
                                         per validate/test sample: split, key, subject_id, and per label
                                         `score::LABEL` (probability) and `target::LABEL` (1, 0, -1 masked)
     EVAL/runs/fraction-F_draw-D.json    the draw's training record (written last: the draw is done)
+    EVAL/train/fraction-F_draw-D/       fine-tune only: the draw's trainer run (its subset shard folder,
+                                        config, metrics, checkpoints, best states)
     EVAL/results.json                   every number with its split, fraction, draw, policy and views
     EVAL/label_efficiency.png, EVAL/roc.png
 
@@ -36,9 +38,10 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 RESULTS = "results.json"
 #: Entries of an evaluation folder that `overwrite` may remove (the feature cache stays: it is keyed).
-OWNED = (CONFIG, RESULTS, "draws", "predictions", "runs", "label_efficiency.png", "roc.png")
+OWNED = (CONFIG, RESULTS, "draws", "predictions", "runs", "train", "label_efficiency.png", "roc.png")
 #: config.json keys that may differ when resuming (they do not change any number).
 NEUTRAL_KEYS = frozenset({"protocol.run.extract_batch_size", "protocol.run.num_threads", "protocol.run.cache_dir",
+                          "protocol.run.log_every", "protocol.run.ckpt_every_epochs", "protocol.run.ckpt_every_steps",
                           "command_line", "cxrfast_version"})  # fmt: skip
 
 

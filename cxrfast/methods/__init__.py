@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
+from cxrfast.methods.finetune import Finetune, FinetuneMethodConfig
 from cxrfast.methods.mae import MAE, MAEMethodConfig
 from cxrfast.methods.mgca import MGCA, MGCAMethodConfig
 from cxrfast.methods.moco import MoCo, MoCoMethodConfig
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
     MRM.name: MRM,
     MoCo.name: MoCo,
     MGCA.name: MGCA,
+    Finetune.name: Finetune,
 }
 
 
@@ -46,6 +48,8 @@ __all__ = [
     "METHODS",
     "DataRequest",
     "EncoderExport",
+    "Finetune",
+    "FinetuneMethodConfig",
     "MAE",
     "MAEMethodConfig",
     "MGCA",
