@@ -11,10 +11,10 @@ PY=${PYTHON:-python3.11}
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-demo}
 
-# Pre-training data: 300 studies (about 270 frontal train images), sharded at 256 px for the 64-px model.
+# Pre-training data: 300 studies (about 270 frontal train images), sharded at 384 px: the long side tiny MRM's 128-px target needs (no crop upsampled).
 cxrfast synth mimic --out "$OUT/MIMIC-CXR-JPG" --studies 300 --seed 0 --size-min 400 --size-max 600
 cxrfast shard mimic --root "$OUT/MIMIC-CXR-JPG" --reports "$OUT/MIMIC-CXR-JPG/mimic-cxr-reports.zip" \
-    --out "$OUT/shards/mimic" --max-size 256
+    --out "$OUT/shards/mimic" --max-size 384
 cxrfast inspect "$OUT/shards/mimic" --sheet "$OUT/contact_sheet.png"
 # 30 epochs of the tiny MRM (image + report); micro-batch 16 instead of the preset's 4 for CPU throughput.
 cxrfast train --preset tiny_mrm --shards "$OUT/shards/mimic" --out "$OUT/runs/tiny_mrm" epochs=30 batch_size=16
