@@ -8,6 +8,13 @@ published code it comes from, and the switch for each deliberate difference.
   norm-pix loss, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05, AdamW (0.9, 0.95), 8 GPUs x 256
   = global batch 2048; ImageNet's RGB normalisation on the gray image (one channel here: see
   `cxrfast.methods.mae.gray_normalisation`); tokens decayed as timm's add_weight_decay does.
+  Data (main_pretrain_multi_datasets_xray.py `--datasets_names`, one ConcatDataset,
+  util/dataloader_med.py): ViT-S on "0.3M" = CheXpert-v1.0-small train.csv, frontal images only
+  (`use_frontal`), + NIH ChestX-ray14 data_splits/chestxray/train_official.txt (75,312 images: the
+  official train_val list minus their 11,212-image val_official.txt); ViT-B on "0.5M" = those +
+  MIMIC-CXR-JPG split "train", ViewPosition AP or PA, of the studies in mimic-cxr-2.0.0-chexpert.csv.
+  `data.datasets` names the mix; other --shards are warned about (`data.strict_datasets=true`
+  refuses them).
 - MRM (Zhou et al., ICLR 2023; RL4M/MRM-pytorch run.sh): mask 0.75, norm-pix loss, 200 epochs,
   40 warmup, blr 1.5e-4, wd 0.05, 4 GPUs x 32 x 2 accumulation = global batch 256; the whole
   report, 50% whole-word masking always to [MASK], MLM loss over every position; the encoder starts
@@ -31,7 +38,8 @@ published code it comes from, and the switch for each deliberate difference.
   validation loss every epoch, early stop after 5 without improvement, the best epoch exported.
   The published run starts from DeiT-B and Bio_ClinicalBERT: `method.init=DEIT_FILE
   method.text_model=BIO_CLINICALBERT_FOLDER` (shards built with `--tokenizer` that folder).
-- tiny_mae / tiny_mrm / tiny_moco / tiny_mgca: test-sized runs for CPU tests and the README demo.
+- MRM and MGCA pre-train on MIMIC-CXR, MoCo-CXR on CheXpert (`data.datasets`).
+- tiny_mae / tiny_mrm / tiny_moco / tiny_mgca: test-sized runs for CPU tests and the README demo (any data).
   tiny_mrm has MRM's published method settings (no init file; its 64-px input makes a 128-px
   target, which the 512-px test shards hold); tiny_mae has MAE-CXR's, with MAE's mask 0.75 and
   norm-pix loss.
@@ -66,7 +74,8 @@ MGCA_INIT, MGCA_TEXT_MODEL = "deit_base_patch16_224-b5f2ef4d.pth", "Bio_Clinical
 def _moco_cxr(name: str, arch: str) -> RunConfig:
     """A MoCo-CXR run: the published settings differ between backbones only in the backbone."""
     return RunConfig(preset=name, method=MoCoMethodConfig(arch=arch, init=MOCO_INIT[arch]),
-                     optim=OptimConfig(**_MOCO_OPTIM), train=TrainConfig(**_MOCO_TRAIN))
+                     optim=OptimConfig(**_MOCO_OPTIM), train=TrainConfig(**_MOCO_TRAIN),
+                     data=DataConfig(datasets=("chexpert",)))
 
 
 _TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
@@ -89,18 +98,21 @@ PRESETS: dict[str, RunConfig] = {
     "mae_cxr_vits": RunConfig(
         preset="mae_cxr_vits",
         method=MAEMethodConfig(arch="mae_vit_small_patch16", **_MAE_CXR),
+        data=DataConfig(datasets=("chexpert", "nih")),  # MAE-CXR's "0.3M"
         optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
     ),
     "mae_cxr_vitb": RunConfig(
         preset="mae_cxr_vitb",
         method=MAEMethodConfig(arch="mae_vit_base_patch16", **_MAE_CXR),
+        data=DataConfig(datasets=("chexpert", "nih", "mimic")),  # MAE-CXR's "0.5M"
         optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
     ),
     "mrm_vitb": RunConfig(
         preset="mrm_vitb",
         method=MRMMethodConfig(arch="mrm_vit_base_patch16", init=MRM_INIT, **_MRM),
+        data=DataConfig(datasets=("mimic",)),
         optim=OptimConfig(epochs=200, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=64, global_batch_size=256, ckpt_every_epochs=20),
     ),

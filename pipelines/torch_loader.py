@@ -3,8 +3,10 @@ PIL and augmenting with torchvision transforms in worker processes, the way the 
 loads data. It yields the same batch dict as the DALI backend; it is the correctness reference
 and the benchmark baseline.
 
-Splitting: tars are dealt to ranks (`tars[rank::world_size]`) and then to workers, so every
-sample is read once per epoch across ranks and workers; ranks may see different sample counts.
+Splitting: tars (of every folder of the shard set, concatenated) are dealt to ranks
+(`tars[rank::world_size]`) and then to workers, so every sample is read once per epoch across
+ranks and workers; ranks may see different sample counts. Each sample is normalised with the
+statistics of the folder its tar belongs to.
 Randomness: the tar order, the shuffle buffer and the transforms are seeded from
 (seed, rank, epoch, worker), so the same seed gives the same batches.
 """
@@ -38,12 +40,13 @@ def _to_tensor(mean: float, std: float) -> T.Compose:
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
-    """PIL grayscale image -> {"image": [1,S,S], ...} per the augmentation (torchvision transforms; on PIL
-    images they resize with PIL, antialiased, as the published code does)."""
+def build_transform(cfg: LoaderConfig, mean: float, std: float) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
+    """PIL grayscale image -> {"image": [1,S,S], ...} per the augmentation, normalised with (mean, std) on
+    the 0..1 scale (torchvision transforms; on PIL images they resize with PIL, antialiased, as the
+    published code does)."""
     r, size = cfg.augmentation, cfg.image_size
     interp = _INTERP[r.interpolation]
-    tensor = _to_tensor(cfg.mean, cfg.std)
+    tensor = _to_tensor(mean, std)
     if r.scale is not None and r.target_factor:  # MRM: one crop window, emitted at two sizes
         target = size * r.target_factor
 
@@ -114,7 +117,12 @@ class TarSamples(IterableDataset):
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.epoch = 0
-        self.transform = build_transform(cfg)
+        # one transform per distinct normalisation; each tar's samples use their folder's
+        transforms = {pair: build_transform(cfg, *pair) for pair in dict.fromkeys(cfg.norm.per_folder)}
+        self.transform_of_tar = {
+            str(tar): transforms[cfg.norm.per_folder[f]]
+            for tar, f in zip(cfg.split.tars, cfg.split.folder_of_tar, strict=True)
+        }
         self.special = cfg.split.special_ids if cfg.text_len is not None else None
         self.ids_member = TEXTS[cfg.text].ids if cfg.text is not None else None
 
@@ -137,10 +145,11 @@ class TarSamples(IterableDataset):
 
     def make(self, sample: dict) -> dict:
         img = Image.open(io.BytesIO(sample["jpg"])).convert("L")
-        out = self.transform(img)
+        out = self.transform_of_tar[sample["__url__"]](img)
         if self.cfg.channels != 1:
             out = {k: v.expand(self.cfg.channels, -1, -1).contiguous() for k, v in out.items()}
-        out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
+        if self.cfg.labels:
+            out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
         if self.special is not None:
             ids = decode_member(self.ids_member, sample.get(self.ids_member, b""))
             out["ids"], out["attention_mask"] = pad_truncate_ids(
@@ -175,7 +184,7 @@ class TorchLoader:
         self.drop_last = drop_last
         if len(cfg.split.tars) < cfg.world_size:
             raise ValueError(
-                f"{cfg.split.root}: split {cfg.split.split!r} has {len(cfg.split.tars)} tars, fewer than "
+                f"{cfg.split.where}: split {cfg.split.split!r} has {len(cfg.split.tars)} tars, fewer than "
                 f"world_size={cfg.world_size}; the torch backend deals whole tars to ranks"
             )
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from cxrfast.shards.folder import ShardFolder
+    from cxrfast.shards.shard_set import ShardSet
 
 
 @dataclass(kw_only=True)
@@ -43,7 +43,7 @@ class DataRequest:
 
     augmentation: str  # name in cxrfast.pipelines.AUGMENTATIONS (mae, mrm, mgca, moco, eval)
     image_size: int  # side of `image` (square)
-    mean: float | None = None  # pixel normalisation on the 0..1 scale; None = the shards' measured statistics
+    mean: float | None = None  # pixel normalisation on the 0..1 scale; None = each shard folder's measured statistics
     std: float | None = None
     channels: int = 1  # image channels fed to the network (grayscale replicated when 3)
     text_len: int | None = None  # token length of `ids` / `attention_mask`; None = no report text
@@ -51,6 +51,7 @@ class DataRequest:
     #: image outputs delivered as float32 whatever the run's precision (loss targets: the published code
     #: computes its losses against fp32 images under fp16 autocast); the network casts its own inputs
     fp32_outputs: tuple[str, ...] = ()
+    labels: bool = False  # batches carry `labels` (the shard folders must share their label names)
 
     @property
     def needs_reports(self) -> bool:
@@ -99,9 +100,10 @@ class Method(nn.Module, abc.ABC):
     config_cls: ClassVar[type[MethodConfig]]
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> Method:
-        """Construct from the config and the shard folder (vocabulary, label names, pixel statistics).
-        Raise ValueError naming the folder when the shards cannot serve this method."""
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> Method:
+        """Construct from the config and the shard folders the run reads (vocabulary, label names,
+        pixel statistics: see `cxrfast.shards.shard_set.ShardSet`). Raise ValueError naming the
+        folder when the shards cannot serve this method."""
         return cls(cfg)  # type: ignore[call-arg]
 
     # --- required ---------------------------------------------------------------------------
@@ -165,6 +167,6 @@ class Method(nn.Module, abc.ABC):
         """Loss parts on a validation batch (module in eval mode). Default: `forward`."""
         return self(batch)
 
-    def extra_exports(self, out: Path, shards: ShardFolder) -> list[Path]:
+    def extra_exports(self, out: Path, shards: ShardSet) -> list[Path]:
         """Files written next to encoder.safetensors at export (e.g. a text encoder); rank 0, fp32 copy."""
         return []

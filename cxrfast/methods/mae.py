@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, add_weight_decay_exempt
-from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class MAEMethodConfig(MethodConfig):
     mask_ratio: float = 0.75  # share of image patches removed from the encoder input
     norm_pix_loss: bool = True  # MSE on per-patch normalised pixels
     fused: bool = True  # fused (Triton) masking/loss kernels on CUDA; false = plain-PyTorch references
-    pixel_norm: str = "published"  # published: normalise with mean/std below; shards: the shards' measured statistics
+    pixel_norm: str = "published"  # published: normalise with mean/std below; shards: each shard folder's measured statistics
     mean: float = _IMAGENET_GRAY[0]  # pixel mean on the 0..1 scale (pixel_norm=published); ImageNet's RGB, see gray_normalisation
     std: float = _IMAGENET_GRAY[1]  # pixel std on the 0..1 scale (pixel_norm=published)
     decay_tokens: bool = True  # the published grouping (timm add_weight_decay: tokens decayed); false = cls/mask tokens exempt
@@ -72,9 +72,16 @@ class MAEMethodConfig(MethodConfig):
             raise ValueError(f"method.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
 
 
-def resolve_pixel_norm(cfg: MAEMethodConfig, shards: ShardFolder) -> tuple[float, float]:
-    """(mean, std) the images are normalised with: the config's constants, or the shards' statistics."""
+def resolve_pixel_norm(cfg: MAEMethodConfig, shards: ShardSet) -> tuple[float, float]:
+    """(mean, std) the encoder is exported with: the config's constants, or the shards' statistics
+    (pooled over the folders when several are mixed; `ShardSet.pixel_stats`)."""
     return shards.pixel_stats if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
+
+
+def request_pixel_norm(cfg: MAEMethodConfig) -> tuple[float | None, float | None]:
+    """(mean, std) of the method's DataRequest: the published constants (one normalisation for every
+    folder), or None: the loaders normalise each folder's samples with that folder's statistics."""
+    return (None, None) if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
 
 
 class MAE(Method):
@@ -96,7 +103,7 @@ class MAE(Method):
                                pos_embed=cfg.pos_embed, **net_kwargs)
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MAE:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> MAE:
         assert isinstance(cfg, MAEMethodConfig)
         mean, std = resolve_pixel_norm(cfg, shards)
         return cls(cfg, mean=mean, std=std).init_encoder()
@@ -114,7 +121,8 @@ class MAE(Method):
         return self
 
     def data_request(self, split: str) -> DataRequest:
-        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=self.mean, std=self.std,
+        mean, std = request_pixel_norm(self.cfg)
+        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=mean, std=std,
                            fp32_outputs=self.fp32_outputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
