@@ -116,15 +116,6 @@ def _check_resume(cfg: RunConfig, client: dict[str, Any], b: Built, world: int) 
                          f"{cfg.preset!r}; resume with --preset {client.get('preset')} or start a new --out")
     if client.get("method") not in (None, cfg.method_name):
         raise ValueError(f"--resume: the checkpoint is of method {client.get('method')!r}, this run's is {cfg.method_name!r}")
-    geometry = {"world_size": world, "steps_per_epoch": b.data.steps, "global_batch": b.ds["train_batch_size"]}
-    old = {k: client.get(k) for k in geometry}
-    if old != geometry:
-        if state.micro:
-            raise ValueError(f"--resume: the checkpoint is {state.micro} micro-batches into an epoch with {old}; this "
-                             f"run has {geometry}: a mid-epoch position cannot carry over (resume from an epoch-end "
-                             "checkpoint, or keep the world size and batch)")
-        log.warning("checkpoint geometry %s differs from this run's %s: the schedule continues from step %d",
-                    old, geometry, state.step)
     old_mix, mix = client.get("shards"), b.shards.mix(cfg.data.split)
     if old_mix is not None and _mix_summary(old_mix) != _mix_summary(mix):
         before = ", ".join(f"{e['path']} ({e['dataset']}, {e['samples']})" for e in old_mix)
@@ -135,6 +126,15 @@ def _check_resume(cfg: RunConfig, client: dict[str, Any], b: Built, world: int) 
                              "the same --shards in the same order, or resume from an epoch-end checkpoint)")
         log.warning("the shard folders changed since the checkpoint (%s -> %s): the next epoch reads this run's",
                     before, now)
+    geometry = {"world_size": world, "steps_per_epoch": b.data.steps, "global_batch": b.ds["train_batch_size"]}
+    old = {k: client.get(k) for k in geometry}
+    if old != geometry:
+        if state.micro:
+            raise ValueError(f"--resume: the checkpoint is {state.micro} micro-batches into an epoch with {old}; this "
+                             f"run has {geometry}: a mid-epoch position cannot carry over (resume from an epoch-end "
+                             "checkpoint, or keep the world size and batch)")
+        log.warning("checkpoint geometry %s differs from this run's %s: the schedule continues from step %d",
+                    old, geometry, state.step)
     new = b.schedule.describe()
     if client.get("schedule") not in (None, new):
         changed = {k: (client["schedule"].get(k), v) for k, v in new.items() if client["schedule"].get(k) != v}
