@@ -10,7 +10,7 @@ The trainer and `cxrfast.pipelines.build_loader` open every `--shards` argument 
   samples differently (CheXpert's 14, NIH's 14 in another order, RSNA's one), so asking for
   labels of such a mix is an error naming the folders. Pre-training does not ask.
 - reports: `has_text`, `require_text`, and the tokenizer facts (`special_ids`, `vocab_size`,
-  `vocab`, `tokenizer_info`, `tokenizer_path`, `texts`): every folder must carry reports made with
+  `vocab`, `tokenizer_info`, `tokenizer_path`): every folder must carry reports made with
   the same tokenizer (compared by the content of their tokenizer files).
 - pixels: `pixel_stats_by_folder` (each folder's measured mean/std, what the loaders normalise
   each folder's samples with when asked for the shards' statistics) and `pixel_stats` (those
@@ -179,18 +179,21 @@ class ShardSet:
             f.require_text(who, text)
         self._same_tokenizer(who)
 
+    @cached_property
+    def _other_tokenizer(self) -> ShardFolder | None:
+        """The first folder whose tokenizer file differs in content from the first folder's (read once)."""
+        want = _tokenizer_content(self.folders[0]) if len(self.folders) > 1 else None
+        return next((f for f in self.folders[1:] if _tokenizer_content(f) != want), None)
+
     def _same_tokenizer(self, who: str) -> ShardFolder:
         """The first folder, after checking that every folder's tokenizer file has the same content."""
-        first = self.folders[0]
-        if len(self.folders) > 1:
-            want = _tokenizer_content(first)
-            for f in self.folders[1:]:
-                if _tokenizer_content(f) != want:
-                    raise ValueError(
-                        f"{who} reads report token ids from several shard folders, but {f.tokenizer_path} differs from "
-                        f"{first.tokenizer_path}: the same ids would mean different words; shard every folder with the "
-                        f"same tokenizer (`cxrfast shard ... --tokenizer {first.tokenizer_path}`)"
-                    )
+        first, other = self.folders[0], self._other_tokenizer
+        if other is not None:
+            raise ValueError(
+                f"{who} reads report token ids from several shard folders, but {other.tokenizer_path} differs from "
+                f"{first.tokenizer_path}: the same ids would mean different words; shard every folder with the "
+                f"same tokenizer (`cxrfast shard ... --tokenizer {first.tokenizer_path}`)"
+            )
         return first
 
     @property
@@ -212,12 +215,6 @@ class ShardSet:
     @property
     def vocab(self) -> dict[str, int]:
         return self._same_tokenizer("the report tokenizer").vocab
-
-    @property
-    def texts(self) -> tuple[str, ...]:
-        """The report texts every folder carries."""
-        common = [t for t in self.folders[0].texts if all(t in f.texts for f in self.folders[1:])]
-        return tuple(common)
 
     # --- pixels -----------------------------------------------------------------------------
     @property
