@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -72,13 +72,21 @@ class MAEMethodConfig(MethodConfig):
             raise ValueError(f"method.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
 
 
-def resolve_pixel_norm(cfg: MAEMethodConfig, shards: ShardSet) -> tuple[float, float]:
+class PixelNormConfig(Protocol):
+    """A method config's pixel normalisation fields (MAE, MRM, MoCo, MGCA)."""
+
+    pixel_norm: str
+    mean: float
+    std: float
+
+
+def resolve_pixel_norm(cfg: PixelNormConfig, shards: ShardSet) -> tuple[float, float]:
     """(mean, std) the encoder is exported with: the config's constants, or the shards' statistics
     (pooled over the folders when several are mixed; `ShardSet.pixel_stats`)."""
     return shards.pixel_stats if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
 
 
-def request_pixel_norm(cfg: MAEMethodConfig) -> tuple[float | None, float | None]:
+def request_pixel_norm(cfg: PixelNormConfig) -> tuple[float | None, float | None]:
     """(mean, std) of the method's DataRequest: the published constants (one normalisation for every
     folder), or None: the loaders normalise each folder's samples with that folder's statistics."""
     return (None, None) if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)

@@ -177,12 +177,12 @@ class MoCo(Method):
     @classmethod
     def build(cls, cfg: MethodConfig, shards: ShardSet) -> MoCo:
         assert isinstance(cfg, MoCoMethodConfig)
-        mean, std = resolve_pixel_norm(cfg, shards)  # type: ignore[arg-type]  (same pixel_norm/mean/std fields)
+        mean, std = resolve_pixel_norm(cfg, shards)
         return cls(cfg, mean=mean, std=std)
 
     # --- contract --------------------------------------------------------------------------
     def data_request(self, split: str) -> DataRequest:
-        mean, std = request_pixel_norm(self.cfg)  # type: ignore[arg-type]  (same pixel_norm/mean/std fields)
+        mean, std = request_pixel_norm(self.cfg)
         return DataRequest(augmentation=self.augmentation, image_size=self.cfg.image_size, mean=mean, std=std,
                            channels=IN_CHANS)
 
