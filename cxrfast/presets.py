@@ -119,6 +119,7 @@ PRESETS: dict[str, RunConfig] = {
     "mgca_vitb": RunConfig(
         preset="mgca_vitb",
         method=MGCAMethodConfig(image_encoder="vit_base_patch16", init=MGCA_INIT, text_model=MGCA_TEXT_MODEL),
+        data=DataConfig(datasets=("mimic",)),
         optim=OptimConfig(epochs=50, warmup_epochs=20, **_MGCA_OPTIM),
         train=TrainConfig(batch_size=72, global_batch_size=144, ckpt_every_epochs=1, **_MGCA_SELECT),
     ),
