@@ -7,7 +7,8 @@ published code it comes from, and the switch for each deliberate difference.
 - MAE-CXR (Xiao et al., arXiv 2210.12843; lambert-x/medical_mae PRETRAIN.md): mask 0.90, no
   norm-pix loss, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05, AdamW (0.9, 0.95), 8 GPUs x 256
   = global batch 2048; ImageNet's RGB normalisation on the gray image (one channel here: see
-  `cxrfast.methods.mae.gray_normalisation`); tokens decayed as timm's add_weight_decay does.
+  `cxrfast.methods.mae.gray_normalisation`), NIH's own constants 0.5056 / 0.252 for NIH shard
+  folders (`method.dataset_norms`); tokens decayed as timm's add_weight_decay does.
   Data (main_pretrain_multi_datasets_xray.py `--datasets_names`, one ConcatDataset,
   util/dataloader_med.py): ViT-S on "0.3M" = CheXpert-v1.0-small train.csv, frontal images only
   (`use_frontal`), + NIH ChestX-ray14 data_splits/chestxray/train_official.txt (75,312 images: the
@@ -83,10 +84,11 @@ _TINY_TRAIN = dict(batch_size=4, log_every=2, ckpt_every_epochs=0)
 _MGCA_OPTIM = dict(name="adamw", lr=2e-5, weight_decay=0.05, betas=(0.9, 0.999), schedule="warmup_cosine", min_lr=1e-8)
 _MGCA_SELECT = dict(validate_every_epochs=1, early_stop_patience=5, select="best")
 
-#: MAE-CXR normalises CheXpert and MIMIC-CXR with ImageNet's RGB constants (NIH: 0.5056 / 0.252)
+#: MAE-CXR normalises CheXpert and MIMIC-CXR with ImageNet's RGB constants, NIH with its own
 _MAE_CXR_MEAN, _MAE_CXR_STD = gray_normalisation(IMAGENET_MEAN, IMAGENET_STD)
+MAE_CXR_NIH_NORM = "nih:0.5056:0.252"
 _MAE_CXR = dict(mask_ratio=0.90, norm_pix_loss=False, pixel_norm="published", mean=_MAE_CXR_MEAN, std=_MAE_CXR_STD,
-                decay_tokens=True, pos_embed="mae", init=None)
+                dataset_norms=(MAE_CXR_NIH_NORM,), decay_tokens=True, pos_embed="mae", init=None)
 #: MRM's published method settings (every MRMMethodConfig field spelled out)
 _MRM = dict(mask_ratio=0.75, norm_pix_loss=True, pixel_norm="published", mean=0.4978, std=0.2449, decay_tokens=True,
             pos_embed="mrm", text="report", mlm_prob=0.5, mlm_replace_mask=1.0, mlm_replace_random=0.0,

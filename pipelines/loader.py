@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -44,10 +45,15 @@ def rank_share(samples: int, rank: int, world_size: int) -> int:
     return (rank + 1) * samples // world_size - rank * samples // world_size
 
 
-def pixel_norm(shards: ShardSet, mean: float | None, std: float | None) -> PixelNorm:
-    """Each folder's normalisation: `mean` / `std` where given, else the folder's measured statistics."""
-    return PixelNorm(tuple((m if mean is None else mean, s if std is None else std)
-                           for m, s in shards.pixel_stats_by_folder))
+def pixel_norm(shards: ShardSet, mean: float | None, std: float | None,
+               dataset_norms: Mapping[str, tuple[float, float]] | None = None) -> PixelNorm:
+    """Each folder's normalisation: its dataset's pair in `dataset_norms`, else `mean` / `std` where
+    given, else the folder's measured statistics."""
+    by_dataset = dataset_norms or {}
+    return PixelNorm(tuple(
+        by_dataset.get(f.dataset) or (m if mean is None else mean, s if std is None else std)
+        for f, (m, s) in zip(shards.folders, shards.pixel_stats_by_folder, strict=True)
+    ))
 
 
 def build_loader(
@@ -71,6 +77,7 @@ def build_loader(
     text_len: int | None = None,
     text: str | None = None,
     image_size: int | None = None,
+    dataset_norms: Mapping[str, tuple[float, float]] | None = None,
     labels: bool = True,
     with_keys: bool = False,
     drop_last: bool = False,
@@ -96,7 +103,8 @@ def build_loader(
     dtype: the floating outputs' dtype, except the image outputs named in `fp32_outputs`, which stay
     float32 (a loss target, e.g. MRM's "target", kept in full precision under bf16 training).
     mean / std: pixel normalisation on the 0..1 scale; None = each folder's measured statistics
-    (`manifest.json` pixel_stats), applied to each sample by its folder.
+    (`manifest.json` pixel_stats), applied to each sample by its folder. dataset_norms: {dataset:
+    (mean, std)} for the folders of those datasets, over mean/std (MAE-CXR's NIH constants).
     labels: read `labels.i8` and yield `labels` (int8, one code per label name); the folders must
     share their label names. Pre-training asks for none (`DataRequest.labels`).
     """
@@ -159,7 +167,7 @@ def build_loader(
     sp = shards.split(split)
     common = dict(
         augmentation=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
-        norm=pixel_norm(shards, mean, std), labels=labels, channels=channels, image_size=image_size,
+        norm=pixel_norm(shards, mean, std, dataset_norms), labels=labels, channels=channels, image_size=image_size,
         text_len=text_len, text=text, with_keys=with_keys,
     )
     if backend == "torch":

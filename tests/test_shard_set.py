@@ -127,6 +127,35 @@ def test_one_normalisation_when_folders_agree(chexpert_shards: Path, nih_shards:
     assert batch["image"].shape == (2, 1, 224, 224)
 
 
+def test_published_constants_per_dataset(chexpert_shards: Path, nih_shards: Path):
+    """MAE-CXR's published normalisation: NIH's own constants for NIH folders, ImageNet's for the
+    others (method.dataset_norms -> DataRequest -> the loader's per-folder pairs)."""
+    from cxrfast.config import apply_overrides
+    from cxrfast.methods import build_method
+    from cxrfast.methods.mae import parse_dataset_norms
+    from cxrfast.pipelines.loader import pixel_norm
+    from cxrfast.presets import get_preset
+    from cxrfast.trainer.data import loader_kwargs
+
+    shards = open_shard_set([chexpert_shards, nih_shards])
+    cfg = get_preset("tiny_mae")  # MAE-CXR's normalisation
+    req = build_method(cfg.method, shards).data_request("train")
+    assert req.dataset_norms == (("nih", 0.5056, 0.252),) and req.mean == pytest.approx(0.4488, abs=1e-4)
+    kw = loader_kwargs(req)
+    norm = pixel_norm(shards, kw["mean"], kw["std"], kw["dataset_norms"])
+    assert norm.per_folder == ((req.mean, req.std), (0.5056, 0.252)) and norm.common is None
+    # pixel_norm=shards: every folder its own statistics, the constants unused
+    own = build_method(apply_overrides(cfg, ["pixel_norm=shards"]).method, shards).data_request("train")
+    assert (own.mean, own.std, own.dataset_norms) == (None, None, ())
+    assert pixel_norm(shards, own.mean, own.std).per_folder == shards.pixel_stats_by_folder
+    for bad, message in (("nih:0.5", "not dataset:mean:std"), ("padchest:0.5:0.2", "must name a dataset"),
+                         ("nih:0.5:0", "std > 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_dataset_norms([bad])
+    with pytest.raises(ValueError, match="once"):
+        apply_overrides(cfg, ["method.dataset_norms=nih:0.5:0.2,nih:0.4:0.2"])
+
+
 def test_pooled_statistics_and_mix(chexpert_shards: Path, far_nih: Path):
     one = open_shard_set(chexpert_shards)
     assert one.pixel_stats == open_shard_set([chexpert_shards]).folders[0].pixel_stats  # a set of one: the folder's own

@@ -45,6 +45,7 @@ class DataRequest:
     image_size: int  # side of `image` (square)
     mean: float | None = None  # pixel normalisation on the 0..1 scale; None = each shard folder's measured statistics
     std: float | None = None
+    dataset_norms: tuple[tuple[str, float, float], ...] = ()  # (dataset, mean, std) for that dataset's folders, over mean/std
     channels: int = 1  # image channels fed to the network (grayscale replicated when 3)
     text_len: int | None = None  # token length of `ids` / `attention_mask`; None = no report text
     text: str | None = None  # which report text becomes `ids` (a name in cxrfast.shards.schema.TEXTS); None = the default

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, add_weight_decay_exempt
+from cxrfast.shards.schema import DATASET_LABEL_NAMES
 from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class MAEMethodConfig(MethodConfig):
     pixel_norm: str = "published"  # published: normalise with mean/std below; shards: each shard folder's measured statistics
     mean: float = _IMAGENET_GRAY[0]  # pixel mean on the 0..1 scale (pixel_norm=published); ImageNet's RGB, see gray_normalisation
     std: float = _IMAGENET_GRAY[1]  # pixel std on the 0..1 scale (pixel_norm=published)
+    dataset_norms: tuple[str, ...] = ()  # pixel_norm=published: "dataset:mean:std" for that dataset's shard folders
     decay_tokens: bool = True  # the published grouping (timm add_weight_decay: tokens decayed); false = cls/mask tokens exempt
     pos_embed: str = "mae"  # fixed sin-cos tables: mae (MAE's util/pos_embed.py) | mrm (MRM's); an init file's table wins
 
@@ -70,6 +72,27 @@ class MAEMethodConfig(MethodConfig):
             raise ValueError(f"method.std must be > 0, got {self.std}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"method.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        parse_dataset_norms(self.dataset_norms)
+
+
+def parse_dataset_norms(entries: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
+    """`method.dataset_norms` entries "dataset:mean:std" (0..1 scale) -> (dataset, mean, std);
+    ValueError naming the entry."""
+    out: list[tuple[str, float, float]] = []
+    for entry in entries:
+        parts = entry.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            dataset, mean, std = parts[0], float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"method.dataset_norms: {entry!r} is not dataset:mean:std (e.g. nih:0.5056:0.252)") from None
+        if dataset not in DATASET_LABEL_NAMES or any(dataset == d for d, _, _ in out):
+            raise ValueError(f"method.dataset_norms: {entry!r} must name a dataset of {tuple(DATASET_LABEL_NAMES)} once")
+        if not std > 0:
+            raise ValueError(f"method.dataset_norms: {entry!r} needs std > 0")
+        out.append((dataset, mean, std))
+    return tuple(out)
 
 
 class PixelNormConfig(Protocol):
@@ -128,9 +151,15 @@ class MAE(Method):
                             len(report.missing), ", ".join(report.missing[:6]))
         return self
 
-    def data_request(self, split: str) -> DataRequest:
+    def pixel_request(self) -> dict[str, Any]:
+        """The DataRequest's normalisation: the published constants (`mean`/`std`, and each of
+        `dataset_norms` for the folders of its dataset), or each folder's statistics (pixel_norm=shards)."""
         mean, std = request_pixel_norm(self.cfg)
-        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=mean, std=std,
+        by_dataset = parse_dataset_norms(self.cfg.dataset_norms) if mean is not None else ()
+        return {"mean": mean, "std": std, "dataset_norms": by_dataset}
+
+    def data_request(self, split: str) -> DataRequest:
+        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, **self.pixel_request(),
                            fp32_outputs=self.fp32_outputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

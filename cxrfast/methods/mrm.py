@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cxrfast.methods.base import DataRequest, MethodConfig
-from cxrfast.methods.mae import MAE, MAEMethodConfig, request_pixel_norm, resolve_pixel_norm
+from cxrfast.methods.mae import MAE, MAEMethodConfig, resolve_pixel_norm
 from cxrfast.pipelines.resolution import POLICIES
 from cxrfast.shards.schema import TEXTS
 from cxrfast.shards.shard_set import ShardSet
@@ -82,6 +82,5 @@ class MRM(MAE):
 
     def data_request(self, split: str) -> DataRequest:
         c = self.net.cfg
-        mean, std = request_pixel_norm(self.cfg)
-        return DataRequest(augmentation=self.augmentation, image_size=c.img_size, mean=mean, std=std,
+        return DataRequest(augmentation=self.augmentation, image_size=c.img_size, **self.pixel_request(),
                            text_len=c.text_len, text=self.cfg.text, fp32_outputs=self.fp32_outputs)

@@ -37,7 +37,8 @@ def loader_kwargs(request: DataRequest) -> dict[str, Any]:
     """`build_loader` arguments that a method's DataRequest fixes."""
     return dict(augmentation=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
                 channels=request.channels, text_len=request.text_len, text=request.text,
-                fp32_outputs=request.fp32_outputs, labels=request.labels)
+                fp32_outputs=request.fp32_outputs, labels=request.labels,
+                dataset_norms={d: (m, s) for d, m, s in request.dataset_norms})
 
 
 class EpochData:
