@@ -53,7 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cxrfast bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", help="comma-separated preset names (default: by device)")
-    p.add_argument("--shards", type=Path, help="shard folder (default: synthesize one under OUT/_shards)")
+    p.add_argument("--shards", type=Path, nargs="+", metavar="DIR",
+                   help="shard folder(s), several read as their union (default: synthesize one under OUT/_shards)")
     p.add_argument("--synth-studies", type=int, help="studies to synthesize without --shards (default 60 CPU, 600 CUDA)")
     p.add_argument("--out", type=Path, default=BENCH_OUT)
     p.add_argument("--batch-size", type=int, help="micro-batch per step (default: the preset's)")
@@ -117,7 +118,7 @@ def _release(engine: Any = None) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+def measure(cfg, shards: list[Path], *, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
     """Median images/s etc. of `repeats` windows of `steps` optimizer steps after `warmup` steps."""
     import torch
 
@@ -181,7 +182,7 @@ def measure(cfg, shards: Path, *, steps: int, warmup: int, repeats: int) -> dict
     return result
 
 
-def fits(cfg, shards: Path, steps: int = 3) -> tuple[bool, float | None]:
+def fits(cfg, shards: list[Path], steps: int = 3) -> tuple[bool, float | None]:
     """Whether `steps` training steps run without OOM under the capped allocator; peak GiB."""
     import torch
 
@@ -193,7 +194,7 @@ def fits(cfg, shards: Path, steps: int = 3) -> tuple[bool, float | None]:
         return False, None
 
 
-def find_max_batch(preset: str, shards: Path, limit_gib: float, overrides: list[str]) -> dict[str, Any]:
+def find_max_batch(preset: str, shards: list[Path], limit_gib: float, overrides: list[str]) -> dict[str, Any]:
     """Largest micro-batch (multiple of 8) whose steps fit in `limit_gib` GiB on this GPU, and
     whether the preset's goal micro-batch (TARGETS, else 64) fits."""
     import torch
@@ -239,14 +240,14 @@ def main(argv: list[str]) -> int:
     presets = args.presets.split(",") if args.presets else list(DEFAULT_PRESETS["cuda" if cuda else "cpu"])
     steps = args.steps or (30 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    shards = args.shards or synthetic_shards(args.out / "_shards", args.synth_studies or (600 if cuda else 60))
+    shards = args.shards or [synthetic_shards(args.out / "_shards", args.synth_studies or (600 if cuda else 60))]
     extra = list(args.overrides) + ([f"batch_size={args.batch_size}"] if args.batch_size else [])
     backends = args.backends.split(",")
 
     distributed.init()
     try:
         results: dict[str, Any] = {"machine": machine(), "command": command_line(["train", *argv]), "targets": TARGETS,
-                                   "shards": str(shards), "runs": [], "max_batch": []}
+                                   "shards": [str(s) for s in shards], "runs": [], "max_batch": []}
         if args.find_max_batch:
             for preset in presets:
                 results["max_batch"].append(find_max_batch(preset, shards, args.memory_limit_gb, extra))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrfast.methods.base import MethodConfig
+from cxrfast.shards.schema import DATASET_LABEL_NAMES
 
 BACKENDS = ("dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp32")
@@ -26,6 +27,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("warmup_cosine", "step", "constant")
 SELECT = ("last", "best")
 SELECT_MODES = ("min", "max")
+#: The datasets `cxrfast shard` writes (a shard folder's manifest "dataset").
+DATASETS = tuple(DATASET_LABEL_NAMES)
 
 
 @dataclass(kw_only=True)
@@ -37,6 +40,8 @@ class DataConfig:
     num_threads: int = 4  # DALI threads / DataLoader workers per rank
     shuffle: bool = True  # shuffle samples each epoch (seeded by seed + epoch)
     overfit_batches: int = 0  # >0: train on the first N batches only, repeated every epoch (debug)
+    datasets: tuple[str, ...] = ()  # the datasets of the preset's published mix; other --shards are warned about
+    strict_datasets: bool = False  # refuse --shards whose datasets differ from `datasets` (instead of a warning)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -47,6 +52,9 @@ class DataConfig:
             raise ValueError(f"data.num_threads must be >= 1, got {self.num_threads}")
         if self.overfit_batches < 0:
             raise ValueError(f"data.overfit_batches must be >= 0, got {self.overfit_batches}")
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown or len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"data.datasets must name distinct datasets of {DATASETS}, got {self.datasets}")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,15 @@ published code it comes from, and the switch for each deliberate difference.
 - MAE-CXR (Xiao et al., arXiv 2210.12843; lambert-x/medical_mae PRETRAIN.md): mask 0.90, no
   norm-pix loss, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05, AdamW (0.9, 0.95), 8 GPUs x 256
   = global batch 2048; ImageNet's RGB normalisation on the gray image (one channel here: see
-  `cxrfast.methods.mae.gray_normalisation`); tokens decayed as timm's add_weight_decay does.
+  `cxrfast.methods.mae.gray_normalisation`), NIH's own constants 0.5056 / 0.252 for NIH shard
+  folders (`method.dataset_norms`); tokens decayed as timm's add_weight_decay does.
+  Data (main_pretrain_multi_datasets_xray.py `--datasets_names`, one ConcatDataset,
+  util/dataloader_med.py): ViT-S on "0.3M" = CheXpert-v1.0-small train.csv, frontal images only
+  (`use_frontal`), + NIH ChestX-ray14 data_splits/chestxray/train_official.txt (75,312 images: the
+  official train_val list minus their 11,212-image val_official.txt); ViT-B on "0.5M" = those +
+  MIMIC-CXR-JPG split "train", ViewPosition AP or PA, of the studies in mimic-cxr-2.0.0-chexpert.csv.
+  `data.datasets` names the mix; other --shards are warned about (`data.strict_datasets=true`
+  refuses them).
 - MRM (Zhou et al., ICLR 2023; RL4M/MRM-pytorch run.sh): mask 0.75, norm-pix loss, 200 epochs,
   40 warmup, blr 1.5e-4, wd 0.05, 4 GPUs x 32 x 2 accumulation = global batch 256; the whole
   report, 50% whole-word masking always to [MASK], MLM loss over every position; the encoder starts
@@ -31,7 +39,8 @@ published code it comes from, and the switch for each deliberate difference.
   validation loss every epoch, early stop after 5 without improvement, the best epoch exported.
   The published run starts from DeiT-B and Bio_ClinicalBERT: `method.init=DEIT_FILE
   method.text_model=BIO_CLINICALBERT_FOLDER` (shards built with `--tokenizer` that folder).
-- tiny_mae / tiny_mrm / tiny_moco / tiny_mgca: test-sized runs for CPU tests and the README demo.
+- MRM and MGCA pre-train on MIMIC-CXR, MoCo-CXR on CheXpert (`data.datasets`).
+- tiny_mae / tiny_mrm / tiny_moco / tiny_mgca: test-sized runs for CPU tests and the README demo (any data).
   tiny_mrm has MRM's published method settings (no init file; its 64-px input makes a 128-px
   target, which the 512-px test shards hold); tiny_mae has MAE-CXR's, with MAE's mask 0.75 and
   norm-pix loss.
@@ -66,7 +75,8 @@ MGCA_INIT, MGCA_TEXT_MODEL = "deit_base_patch16_224-b5f2ef4d.pth", "Bio_Clinical
 def _moco_cxr(name: str, arch: str) -> RunConfig:
     """A MoCo-CXR run: the published settings differ between backbones only in the backbone."""
     return RunConfig(preset=name, method=MoCoMethodConfig(arch=arch, init=MOCO_INIT[arch]),
-                     optim=OptimConfig(**_MOCO_OPTIM), train=TrainConfig(**_MOCO_TRAIN))
+                     optim=OptimConfig(**_MOCO_OPTIM), train=TrainConfig(**_MOCO_TRAIN),
+                     data=DataConfig(datasets=("chexpert",)))
 
 
 _TINY_OPTIM = dict(epochs=4, warmup_epochs=1, blr=1.5e-4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
@@ -74,10 +84,11 @@ _TINY_TRAIN = dict(batch_size=4, log_every=2, ckpt_every_epochs=0)
 _MGCA_OPTIM = dict(name="adamw", lr=2e-5, weight_decay=0.05, betas=(0.9, 0.999), schedule="warmup_cosine", min_lr=1e-8)
 _MGCA_SELECT = dict(validate_every_epochs=1, early_stop_patience=5, select="best")
 
-#: MAE-CXR normalises CheXpert and MIMIC-CXR with ImageNet's RGB constants (NIH: 0.5056 / 0.252)
+#: MAE-CXR normalises CheXpert and MIMIC-CXR with ImageNet's RGB constants, NIH with its own
 _MAE_CXR_MEAN, _MAE_CXR_STD = gray_normalisation(IMAGENET_MEAN, IMAGENET_STD)
+MAE_CXR_NIH_NORM = "nih:0.5056:0.252"
 _MAE_CXR = dict(mask_ratio=0.90, norm_pix_loss=False, pixel_norm="published", mean=_MAE_CXR_MEAN, std=_MAE_CXR_STD,
-                decay_tokens=True, pos_embed="mae", init=None)
+                dataset_norms=(MAE_CXR_NIH_NORM,), decay_tokens=True, pos_embed="mae", init=None)
 #: MRM's published method settings (every MRMMethodConfig field spelled out)
 _MRM = dict(mask_ratio=0.75, norm_pix_loss=True, pixel_norm="published", mean=0.4978, std=0.2449, decay_tokens=True,
             pos_embed="mrm", text="report", mlm_prob=0.5, mlm_replace_mask=1.0, mlm_replace_random=0.0,
@@ -89,24 +100,28 @@ PRESETS: dict[str, RunConfig] = {
     "mae_cxr_vits": RunConfig(
         preset="mae_cxr_vits",
         method=MAEMethodConfig(arch="mae_vit_small_patch16", **_MAE_CXR),
+        data=DataConfig(datasets=("chexpert", "nih")),  # MAE-CXR's "0.3M"
         optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
     ),
     "mae_cxr_vitb": RunConfig(
         preset="mae_cxr_vitb",
         method=MAEMethodConfig(arch="mae_vit_base_patch16", **_MAE_CXR),
+        data=DataConfig(datasets=("chexpert", "nih", "mimic")),  # MAE-CXR's "0.5M"
         optim=OptimConfig(epochs=800, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=256, global_batch_size=2048, ckpt_every_epochs=20),
     ),
     "mrm_vitb": RunConfig(
         preset="mrm_vitb",
         method=MRMMethodConfig(arch="mrm_vit_base_patch16", init=MRM_INIT, **_MRM),
+        data=DataConfig(datasets=("mimic",)),
         optim=OptimConfig(epochs=200, warmup_epochs=40, **_MAE_OPTIM),
         train=TrainConfig(batch_size=64, global_batch_size=256, ckpt_every_epochs=20),
     ),
     "mgca_vitb": RunConfig(
         preset="mgca_vitb",
         method=MGCAMethodConfig(image_encoder="vit_base_patch16", init=MGCA_INIT, text_model=MGCA_TEXT_MODEL),
+        data=DataConfig(datasets=("mimic",)),
         optim=OptimConfig(epochs=50, warmup_epochs=20, **_MGCA_OPTIM),
         train=TrainConfig(batch_size=72, global_batch_size=144, ckpt_every_epochs=1, **_MGCA_SELECT),
     ),

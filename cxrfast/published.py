@@ -130,8 +130,9 @@ _ONE_CHANNEL = ("1 channel: a gray image copied to 3 channels makes the 3-channe
                 "with the filters summed (what `method.init` does to an RGB file)")
 
 
-def _mae_cxr(preset: str, arch_source: str, arch: dict[str, int], datasets: str) -> PublishedRecipe:
-    """MAE-CXR (lambert-x/medical_mae): `arch` = the network's sizes, `datasets` where PRETRAIN.md lists them."""
+def _mae_cxr(preset: str, arch_source: str, arch: dict[str, int], datasets: str, mix: tuple[str, ...]) -> PublishedRecipe:
+    """MAE-CXR (lambert-x/medical_mae): `arch` = the network's sizes, `datasets` where PRETRAIN.md lists
+    them, `mix` = those datasets as cxrfast names them."""
     sizes = tuple(
         Knob(name=f"network: {name}", published=value, source=arch_source, config=f"model.{name}")
         for name, value in arch.items()
@@ -145,9 +146,14 @@ def _mae_cxr(preset: str, arch_source: str, arch: dict[str, int], datasets: str)
             Knob(name="pre-training images", published="CheXpert-v1.0-small (frontal), NIH ChestX-ray14 "
                  "(1024 px, official train list), MIMIC-CXR-JPG pre-resized to 320 px (AP/PA), concatenated",
                  source=f"{datasets}; {_XRAY}:189-198; util/dataloader_med.py:836",
-                 cxrfast="one shard folder per run (`--shards`), images at `--max-size` (default 512: the 224 "
-                 "crops at scale >= 0.5 are never upsampled)",
-                 differs="the trainer reads one shard folder; several datasets in one run are not supported yet"),
+                 cxrfast="one shard folder per dataset, read as their union (`--shards A B C`: each sample "
+                 "once per epoch), images at `--max-size` (default 512: the 224 crops at scale >= 0.5 are never "
+                 "upsampled); NIH's list: `cxrfast shard nih --validate-list val_official.txt`; CheXpert's whole "
+                 "train.csv: `--validate-fraction 0`",
+                 differs="medical_mae keeps MIMIC-CXR's images of the studies in mimic-cxr-2.0.0-chexpert.csv "
+                 "(util/dataloader_med.py:859-866); `cxrfast shard mimic` keeps every AP/PA image of the split"),
+            Knob(name="pre-training datasets", published=mix, source=datasets, config="data.datasets",
+                 cxrfast="other --shards datasets are warned about; data.strict_datasets=true refuses them"),
             Knob(name="crop side", published=224, source=f"PRETRAIN.md:58; {_XRAY}:170",
                  config="augmentation.mae.image_size"),
             Knob(name="RandomResizedCrop scale", published=(0.5, 1.0), source=f"PRETRAIN.md:60; {_XRAY}:170",
@@ -163,10 +169,13 @@ def _mae_cxr(preset: str, arch_source: str, arch: dict[str, int], datasets: str)
             Knob(name="pixel mean (CheXpert, MIMIC-CXR)", published=IMAGENET_MEAN, source=f"{_XRAY}:147,149",
                  config="method.mean", equivalent=_MAE_CXR_MEAN,
                  cxrfast="one channel: the mean of the three normalised channels, see "
-                 "cxrfast.methods.mae.gray_normalisation; NIH's constant is 0.5056, line 148", switch=("method.mean=0.5056", "method.std=0.252")),
+                 "cxrfast.methods.mae.gray_normalisation"),
             Knob(name="pixel std (CheXpert, MIMIC-CXR)", published=IMAGENET_STD, source=f"{_XRAY}:151,153",
-                 config="method.std", equivalent=_MAE_CXR_STD,
-                 cxrfast="1/std = the mean of 1/std_c; NIH's constant is 0.252, line 152"),
+                 config="method.std", equivalent=_MAE_CXR_STD, cxrfast="1/std = the mean of 1/std_c"),
+            Knob(name="pixel mean, std (NIH ChestX-ray14)", published=(0.5056, 0.252), source=f"{_XRAY}:148,152",
+                 config="method.dataset_norms", equivalent=("nih:0.5056:0.252",),
+                 cxrfast="`dataset:mean:std`: the samples of NIH shard folders are normalised with these, each "
+                 "sample by its folder, in one run with the others"),
             Knob(name="mask ratio", published=0.90, source="PRETRAIN.md:53,74", config="method.mask_ratio"),
             Knob(name="norm-pix loss", published=False, source=f"PRETRAIN.md (no --norm_pix_loss); {_XRAY}:60-62",
                  config="method.norm_pix_loss"),
@@ -401,11 +410,11 @@ PUBLISHED: dict[str, PublishedRecipe] = {
     "mae_cxr_vits": _mae_cxr(
         "mae_cxr_vits", "PRETRAIN.md:52; models_mae.py:304-309",
         dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16),
-        "PRETRAIN.md:61 (chexpert chestxray_nih)"),
+        "PRETRAIN.md:61 (chexpert chestxray_nih)", ("chexpert", "nih")),
     "mae_cxr_vitb": _mae_cxr(
         "mae_cxr_vitb", "PRETRAIN.md:73; models_mae.py:328-333",
         dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-        "PRETRAIN.md:82 (chexpert chestxray_nih mimic_cxr)"),
+        "PRETRAIN.md:82 (chexpert chestxray_nih mimic_cxr)", ("chexpert", "nih", "mimic")),
     "mrm_vitb": PublishedRecipe(
         preset="mrm_vitb",
         system="MRM, Masked Record Modeling (Zhou et al., ICLR 2023)",

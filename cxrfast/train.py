@@ -4,6 +4,10 @@
     deepspeed --num_gpus 4 --module cxrfast.train --preset mrm_vitb --shards data/shards/mimic-1280 \\
         --out runs/mrm method.init=mae_pretrain_vit_base.pth
     deepspeed --num_gpus 4 cxrfast/train.py --preset mrm_vitb ...          (from a source checkout)
+    cxrfast train --preset mae_cxr_vits --shards data/shards/chexpert data/shards/nih --out runs/mae
+
+Several --shards folders are trained on as their union (every sample of every folder once per
+epoch); config.json records each folder's dataset, sample count and share.
 
 Trailing `key=value` arguments override the preset (`cxrfast.config`: dotted paths such as
 `method.mask_ratio=0.8` or unique bare names such as `epochs=2`). OUT receives config.json,
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +28,9 @@ if not __package__:  # run as a file: drop cxrfast/ from sys.path so its modules
 
 log = logging.getLogger("cxrfast.train")
 
+#: A `key=value` override (a dotted config path, then "="), as opposed to a shard folder path.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from cxrfast.presets import PRESETS
@@ -30,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cxrfast train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="named run (cxrfast.presets)")
-    p.add_argument("--shards", required=True, type=Path, help="shard folder (with manifest.json)")
+    p.add_argument("--shards", required=True, type=Path, nargs="+", metavar="DIR",
+                   help="shard folder(s) (with manifest.json); several are trained on as their union")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--data", choices=("dali", "torch", "synthetic"), help="data backend (= data.backend=...)")
     p.add_argument("--no-fused", action="store_true", help="plain-PyTorch kernels (= method.fused=false)")
@@ -40,7 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from a checkpoints folder (its latest) or one checkpoint folder in it")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is used)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. epochs=2 optim.blr=3e-4")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # `--shards A B epochs=2`: the folder list swallows the overrides that follow it; give them back
+    folders = [s for s in args.shards if not (_OVERRIDE.match(str(s)) and not s.exists())]
+    if not folders:
+        p.error("--shards needs at least one shard folder")
+    args.overrides = [str(s) for s in args.shards if s not in folders] + args.overrides
+    args.shards = folders
+    return args
 
 
 def resolve_config(args: argparse.Namespace):

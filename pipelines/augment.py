@@ -104,8 +104,8 @@ def coin() -> DataNode:
 def normalize(
     img: DataNode,
     *,
-    mean: float,
-    std: float,
+    mean: float | DataNode,
+    std: float | DataNode,
     dtype: str,
     crop: int | None = None,
     random_crop: bool = False,
@@ -113,21 +113,28 @@ def normalize(
 ) -> DataNode:
     """Optional crop (center, or uniform random position) + optional mirror + (x/255 - mean) / std,
     HWC uint8 (or float on the 0..255 scale) -> CHW `dtype`, in one fused op. `mean`/`std` are on
-    the 0..1 scale."""
+    the 0..1 scale: constants, or per-sample scalars (CPU DataNodes, e.g. by the sample's folder)."""
     kwargs = {}
     if crop is not None:
         pos = (fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])) if random_crop else (0.5, 0.5)
         kwargs = {"crop": [crop, crop], "crop_pos_x": pos[0], "crop_pos_y": pos[1], "out_of_bounds_policy": "pad"}
     return fn.crop_mirror_normalize(
         img,
-        mean=[mean * 255.0],
-        std=[std * 255.0],
+        mean=_per_channel(mean),
+        std=_per_channel(std),
         mirror=mirror,
         output_layout="CHW",
         dtype=_DTYPES[dtype],
         fill_values=[0.0],
         **kwargs,
     )
+
+
+def _per_channel(value: float | DataNode) -> list[float] | DataNode:
+    """A 0..1-scale mean or std as crop_mirror_normalize's one-channel 0..255 argument."""
+    if isinstance(value, DataNode):
+        return fn.reshape(value * 255.0, shape=[1])
+    return [value * 255.0]
 
 
 def replicate_channels(img: DataNode, channels: int) -> DataNode:

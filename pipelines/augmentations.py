@@ -4,11 +4,12 @@ synthetic backend read the same numbers from here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cxrfast.shards.folder import ShardSplit
+    from cxrfast.shards.shard_set import SetSplit
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -74,19 +75,43 @@ class Augmentation:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class PixelNorm:
+    """`(x / 255 - mean) / std` with (mean, std) on the 0..1 scale for each folder of a split, in
+    the split's folder order: one pair repeated (constants, or a set whose folders agree) needs
+    nothing per sample; different pairs are applied per sample by the sample's folder."""
+
+    per_folder: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.per_folder:
+            raise ValueError("PixelNorm needs one (mean, std) per folder")
+        for mean, std in self.per_folder:
+            if not std > 0 or not math.isfinite(mean):
+                raise ValueError(f"pixel normalisation needs a finite mean and std > 0, got mean {mean}, std {std}")
+
+    @property
+    def common(self) -> tuple[float, float] | None:
+        """The one (mean, std) of every folder, or None when folders differ."""
+        first = self.per_folder[0]
+        return first if all(p == first for p in self.per_folder) else None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoaderConfig:
     """What the DataLoader reference backend needs besides its DataLoader arguments; the DALI
     graph's `GraphConfig` adds the DALI device and output dtype."""
 
     augmentation: Augmentation
-    split: ShardSplit
+    split: SetSplit
     rank: int
     world_size: int
     shuffle: bool
     seed: int
-    mean: float
-    std: float
+    #: pixel normalisation of each folder of `split`
+    norm: PixelNorm
+    #: read `labels.i8` and emit `labels`
+    labels: bool
     channels: int
     image_size: int
     text_len: int | None

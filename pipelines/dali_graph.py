@@ -14,7 +14,7 @@ from nvidia.dali.data_node import DataNode
 
 from cxrfast.pipelines import augment as A
 from cxrfast.pipelines.augmentations import LoaderConfig, presize
-from cxrfast.pipelines.reader import read_shards
+from cxrfast.pipelines.reader import folder_flags, read_shards
 from cxrfast.pipelines.text import pad_truncate
 
 
@@ -28,7 +28,7 @@ class GraphConfig(LoaderConfig):
 
 def output_names(cfg: GraphConfig) -> list[str]:
     """Names of the pipeline outputs, in order (the iterator's output_map)."""
-    names = list(cfg.augmentation.sizes(cfg.image_size)) + ["labels"]
+    names = list(cfg.augmentation.sizes(cfg.image_size)) + (["labels"] if cfg.labels else [])
     if cfg.text_len is not None:
         names += ["ids", "attention_mask"]
     if cfg.with_keys:
@@ -36,9 +36,22 @@ def output_names(cfg: GraphConfig) -> list[str]:
     return names
 
 
+def _mean_std(jpg: DataNode, cfg: GraphConfig) -> tuple[float | DataNode, float | DataNode]:
+    """The normalisation's (mean, std): constants, or per-sample values by the sample's folder."""
+    common = cfg.norm.common
+    if common is not None:
+        return common
+    terms = [(flag * m, flag * s) for flag, (m, s) in zip(folder_flags(jpg, cfg.split), cfg.norm.per_folder, strict=True)]
+    mean, std = terms[0]
+    for m, s in terms[1:]:
+        mean, std = mean + m, std + s
+    return mean, std
+
+
 def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
     r, size, dev, interp = cfg.augmentation, cfg.image_size, cfg.device, cfg.augmentation.interpolation
-    norm = {"mean": cfg.mean, "std": cfg.std, "dtype": cfg.dtype}
+    mean, std = _mean_std(jpg, cfg)
+    norm = {"mean": mean, "std": std, "dtype": cfg.dtype}
     out: dict[str, DataNode] = {}
     if r.scale is not None:  # RandomResizedCrop (MAE, MRM): decode only the crop window
         crop = A.decode_random_crop(jpg, dev, r.scale, r.ratio)
@@ -51,7 +64,10 @@ def _augment(jpg: DataNode, cfg: GraphConfig) -> dict[str, DataNode]:
         else:
             img = A.resize_square(crop, size, interp)
             if r.rand_augment:  # timm's order: crop, flip, RandAugment (the flip is fused below; ops are symmetric)
-                img = A.rand_augment(img, r.rand_augment, fill=round(cfg.mean * 255), size=size)
+                if cfg.norm.common is None:
+                    raise ValueError("RandAugment fills with the mean pixel: it needs one pixel normalisation "
+                                     f"across the set's folders, got {cfg.norm.per_folder}")
+                img = A.rand_augment(img, r.rand_augment, fill=round(cfg.norm.common[0] * 255), size=size)
             out["image"] = A.normalize(img, mirror=mirror, **norm)
     elif r.two_views:  # MoCo: one decode, two independently augmented views
         base = A.resize_shorter(A.decode(jpg, dev), size, interp)
@@ -83,12 +99,14 @@ def cxr_pipeline(cfg: GraphConfig):
         world_size=cfg.world_size,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
+        labels=cfg.labels,
         text=cfg.text,
     )
     images = _augment(data["jpg"], cfg)
     on_gpu = cfg.device == "gpu"
     outs = list(images.values())
-    outs.append(data["labels"].gpu() if on_gpu else data["labels"])
+    if cfg.labels:
+        outs.append(data["labels"].gpu() if on_gpu else data["labels"])
     if cfg.text_len is not None:
         special = cfg.split.special_ids
         ids, mask = pad_truncate(data["ids"], length=cfg.text_len, pad_id=special["pad"], sep_id=special.get("sep"))

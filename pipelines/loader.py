@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
 
-from cxrfast.pipelines.augmentations import LoaderConfig, get_augmentation
-from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.pipelines.augmentations import LoaderConfig, PixelNorm, get_augmentation
 from cxrfast.shards.schema import DEFAULT_TEXT
+from cxrfast.shards.shard_set import ShardsArg, ShardSet, open_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,19 @@ def rank_share(samples: int, rank: int, world_size: int) -> int:
     return (rank + 1) * samples // world_size - rank * samples // world_size
 
 
+def pixel_norm(shards: ShardSet, mean: float | None, std: float | None,
+               dataset_norms: Mapping[str, tuple[float, float]] | None = None) -> PixelNorm:
+    """Each folder's normalisation: its dataset's pair in `dataset_norms`, else `mean` / `std` where
+    given, else the folder's measured statistics."""
+    by_dataset = dataset_norms or {}
+    return PixelNorm(tuple(
+        by_dataset.get(f.dataset) or (m if mean is None else mean, s if std is None else std)
+        for f, (m, s) in zip(shards.folders, shards.pixel_stats_by_folder, strict=True)
+    ))
+
+
 def build_loader(
-    shards: Path | str | ShardFolder,
+    shards: ShardsArg,
     split: str,
     augmentation: str,
     *,
@@ -66,12 +77,17 @@ def build_loader(
     text_len: int | None = None,
     text: str | None = None,
     image_size: int | None = None,
+    dataset_norms: Mapping[str, tuple[float, float]] | None = None,
+    labels: bool = True,
     with_keys: bool = False,
     drop_last: bool = False,
     checkpointing: bool = False,
     checkpoint: bytes | None = None,
 ) -> Loader:
     """Batches of `split` of the shard folder `shards`, augmented by `augmentation`, as dicts of tensors.
+
+    shards: a shard folder, or several (a sequence, or a `ShardSet`): their union, every sample
+    of every folder once per epoch across ranks.
 
     backend: "dali" (GPU `mixed` decode, or DALI CPU-only mode), "torch" (DataLoader + webdataset +
     PIL/torchvision, the reference), "synthetic" (random tensors of the same shapes).
@@ -86,6 +102,11 @@ def build_loader(
     MRM's text).
     dtype: the floating outputs' dtype, except the image outputs named in `fp32_outputs`, which stay
     float32 (a loss target, e.g. MRM's "target", kept in full precision under bf16 training).
+    mean / std: pixel normalisation on the 0..1 scale; None = each folder's measured statistics
+    (`manifest.json` pixel_stats), applied to each sample by its folder. dataset_norms: {dataset:
+    (mean, std)} for the folders of those datasets, over mean/std (MAE-CXR's NIH constants).
+    labels: read `labels.i8` and yield `labels` (int8, one code per label name); the folders must
+    share their label names. Pre-training asks for none (`DataRequest.labels`).
     """
     r = get_augmentation(augmentation)
     if backend not in BACKENDS:
@@ -115,41 +136,39 @@ def build_loader(
     fp32_outputs = tuple(sorted(set(fp32_outputs)))
     rank, world_size, local_rank = dist_env(rank, world_size)
     torch_device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
-    folder = open_shards(shards)
+    shards = open_shard_set(shards)
+    label_names = shards.require_same_labels("build_loader(labels=True)") if labels else None
     if text is not None:
-        folder.require_text(f"augmentation {augmentation!r}", text)
+        shards.require_text(f"augmentation {augmentation!r}", text)
 
     if backend == "synthetic":
         from cxrfast.pipelines.synthetic import SyntheticLoader
 
-        total = sum(int(e["samples"]) for e in folder.entries(split))
         return SyntheticLoader(
             r,
-            samples=rank_share(total, rank, world_size),
+            samples=rank_share(shards.count(split), rank, world_size),
             batch_size=batch_size,
-            num_labels=len(folder.label_names),
+            num_labels=None if label_names is None else len(label_names),
             device=torch_device,
             dtype=dtype,
             fp32_outputs=fp32_outputs,
             channels=channels,
             image_size=image_size,
             text_len=text_len,
-            vocab_size=folder.vocab_size,
-            special_ids=folder.special_ids if folder.has_text else None,
+            vocab_size=shards.vocab_size if text is not None else None,
+            special_ids=shards.special_ids if text is not None else None,
             seed=seed + rank,
             with_keys=with_keys,
             drop_last=drop_last,
         )
 
-    sp = folder.split(split)
-    if mean is None or std is None:
-        m, s = sp.pixel_stats
-        mean, std = (m if mean is None else mean), (s if std is None else std)
-    if std <= 0:
+    if std is not None and std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
+    sp = shards.split(split)
     common = dict(
-        augmentation=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, mean=mean, std=std,
-        channels=channels, image_size=image_size, text_len=text_len, text=text, with_keys=with_keys,
+        augmentation=r, split=sp, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
+        norm=pixel_norm(shards, mean, std, dataset_norms), labels=labels, channels=channels, image_size=image_size,
+        text_len=text_len, text=text, with_keys=with_keys,
     )
     if backend == "torch":
         from cxrfast.pipelines.torch_loader import TorchLoader
@@ -163,11 +182,12 @@ def build_loader(
 
     graph_dtype = "float32" if fp32_outputs else _DTYPES[dtype]  # fp32 outputs: the rest is cast after
     cfg = GraphConfig(device=device, dtype=graph_dtype, **common)
-    log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples", augmentation, device, rank, world_size, sp.samples)
+    log.debug("DALI %s pipeline on %s: rank %d/%d, %d samples from %d folder(s)", augmentation, device, rank,
+              world_size, sp.samples, len(shards))
     share = rank_share(sp.samples, rank, world_size)
     if drop_last and share < batch_size:
         raise ValueError(
-            f"{folder.root}: split {split!r} gives rank {rank} of {world_size} {share} samples, fewer than one "
+            f"{shards.where}: split {split!r} gives rank {rank} of {world_size} {share} samples, fewer than one "
             f"batch of {batch_size} (full batches only); use a smaller batch size or fewer ranks"
         )
     return DaliLoader(

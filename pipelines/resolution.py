@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxrfast.pipelines.augmentations import get_augmentation
-from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import open_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,19 @@ def require_target_resolution(
     shards, augmentation: str = "mrm", *, image_size: int | None = None, on_too_small: str = "error",
     aspect: float = MIMIC_ASPECT, switch: str | None = None,
 ) -> TargetResolution:
-    """Check the shard folder `shards` against the crop `target` of `augmentation` (one with a
-    `target_factor`, at `image_size` or its default). `on_too_small`: "error" raises ValueError with the
-    size to re-shard at (and `switch`, the caller's way to go on anyway, when given), "warn" logs it and
-    returns."""
+    """Check the shard folder `shards` (every folder of a set) against the crop `target` of
+    `augmentation` (one with a `target_factor`, at `image_size` or its default). `on_too_small`:
+    "error" raises ValueError with the size to re-shard at (and `switch`, the caller's way to go on
+    anyway, when given), "warn" logs it and returns; the first folder too small decides."""
     if on_too_small not in POLICIES:
         raise ValueError(f"on_too_small must be one of {POLICIES}, got {on_too_small!r}")
     r = get_augmentation(augmentation)
     if not r.target_factor or r.scale is None:
         raise ValueError(f"augmentation {augmentation!r} has no high-resolution crop target to check")
     target = r.sizes(image_size)["target"]
-    res = target_resolution(open_shards(shards), target=target, scale=r.scale, ratio=r.ratio, aspect=aspect)
+    results = [target_resolution(folder, target=target, scale=r.scale, ratio=r.ratio, aspect=aspect)
+               for folder in open_shard_set(shards).folders]
+    res = next((x for x in results if not x.ok), results[0])  # every folder must hold the target
     if not res.ok:
         if on_too_small == "error":
             raise ValueError(res.message + (f"; or train on them anyway with {switch}" if switch else ""))

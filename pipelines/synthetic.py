@@ -13,7 +13,7 @@ from cxrfast.pipelines.augmentations import Augmentation
 
 class SyntheticLoader:
     """Same batch dict, len and epoch_samples as the real backends for the given sample count;
-    `num_labels` codes per sample (the shard folder's `len(label_names)`)."""
+    `num_labels` codes per sample in `labels` (None: no `labels`, as when none are asked for)."""
 
     def __init__(
         self,
@@ -21,7 +21,7 @@ class SyntheticLoader:
         *,
         samples: int,
         batch_size: int,
-        num_labels: int,
+        num_labels: int | None,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         fp32_outputs: tuple[str, ...] = (),
@@ -34,7 +34,7 @@ class SyntheticLoader:
         with_keys: bool = False,
         drop_last: bool = False,
     ) -> None:
-        if samples < 1 or batch_size < 1 or num_labels < 1:
+        if samples < 1 or batch_size < 1 or (num_labels is not None and num_labels < 1):
             raise ValueError(f"samples, batch_size and num_labels must be >= 1, got {samples}, {batch_size}, {num_labels}")
         if text_len is not None and (vocab_size is None or special_ids is None):
             raise ValueError(f"augmentation {augmentation.name!r} has text: pass vocab_size and special_ids (or a manifest with a tokenizer)")
@@ -45,7 +45,8 @@ class SyntheticLoader:
         for name, side in augmentation.sizes(image_size).items():
             gray = torch.randn(b, 1, side, side, generator=g).to(torch.float32 if name in fp32_outputs else dtype)
             batch[name] = gray.expand(-1, channels, -1, -1).contiguous()  # replicated like the real backends
-        batch["labels"] = torch.randint(-2, 2, (b, num_labels), generator=g, dtype=torch.int8)
+        if num_labels is not None:
+            batch["labels"] = torch.randint(-2, 2, (b, num_labels), generator=g, dtype=torch.int8)
         if text_len is not None:
             assert special_ids is not None and vocab_size is not None
             first = max(special_ids.values()) + 1

@@ -3,10 +3,11 @@ PIL and augmenting with torchvision transforms in worker processes, the way the 
 loads data. It yields the same batch dict as the DALI backend; it is the correctness reference
 and the benchmark baseline.
 
-Splitting: tars are dealt to ranks (`tars[rank::world_size]`) and then to workers, so every
-sample is read once per epoch across ranks and workers; ranks may see different sample counts.
-A sample is read iff its tar's DALI index lists it, as with DALI (a subset folder,
-`cxrfast.shards.subset`, indexes only some samples of each tar).
+Splitting: tars (of every folder of the shard set, concatenated) are dealt to ranks
+(`tars[rank::world_size]`) and then to workers, so every sample is read once per epoch across
+ranks and workers; ranks may see different sample counts. Each sample is normalised with the
+statistics of the folder its tar belongs to. A sample is read iff its tar's DALI index lists it,
+as with DALI (a subset folder, `cxrfast.shards.subset`, indexes only some samples of each tar).
 Randomness: the tar order, the shuffle buffer and the transforms are seeded from
 (seed, rank, epoch, worker), so the same seed gives the same batches.
 """
@@ -53,12 +54,13 @@ def timm_rand_augment(spec: str, *, mean: float, interpolation: T.InterpolationM
     return rand_augment_transform(spec, {"translate_pct": 0.45, "img_mean": round(mean * 255), "interpolation": pil})
 
 
-def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
-    """PIL grayscale image -> {"image": [1,S,S], ...} per the augmentation (torchvision transforms; on PIL
-    images they resize with PIL, antialiased, as the published code does)."""
+def build_transform(cfg: LoaderConfig, mean: float, std: float) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
+    """PIL grayscale image -> {"image": [1,S,S], ...} per the augmentation, normalised with (mean, std) on
+    the 0..1 scale (torchvision transforms; on PIL images they resize with PIL, antialiased, as the
+    published code does)."""
     r, size = cfg.augmentation, cfg.image_size
     interp = _INTERP[r.interpolation]
-    tensor = _to_tensor(cfg.mean, cfg.std)
+    tensor = _to_tensor(mean, std)
     if r.scale is not None and r.target_factor:  # MRM: one crop window, emitted at two sizes
         target = size * r.target_factor
 
@@ -82,7 +84,7 @@ def build_transform(cfg: LoaderConfig) -> Callable[[Image.Image], dict[str, torc
     if r.scale is not None:  # MAE, fine-tuning
         steps = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio, interpolation=interp, antialias=True)]
         steps += [T.RandomHorizontalFlip()] if r.flip else []
-        steps += [timm_rand_augment(r.rand_augment, mean=cfg.mean, interpolation=interp)] if r.rand_augment else []
+        steps += [timm_rand_augment(r.rand_augment, mean=mean, interpolation=interp)] if r.rand_augment else []
         mae = T.Compose([*steps, tensor])
         return lambda img: {"image": mae(img)}
     if r.two_views:  # MoCo: one decode + resize, two independent views
@@ -130,7 +132,12 @@ class TarSamples(IterableDataset):
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.epoch = 0
-        self.transform = build_transform(cfg)
+        # one transform per distinct normalisation; each tar's samples use their folder's
+        transforms = {pair: build_transform(cfg, *pair) for pair in dict.fromkeys(cfg.norm.per_folder)}
+        self.transform_of_tar = {
+            str(tar): transforms[cfg.norm.per_folder[f]]
+            for tar, f in zip(cfg.split.tars, cfg.split.folder_of_tar, strict=True)
+        }
         self.special = cfg.split.special_ids if cfg.text_len is not None else None
         self.ids_member = TEXTS[cfg.text].ids if cfg.text is not None else None
 
@@ -156,10 +163,11 @@ class TarSamples(IterableDataset):
 
     def make(self, sample: dict) -> dict:
         img = Image.open(io.BytesIO(sample["jpg"])).convert("L")
-        out = self.transform(img)
+        out = self.transform_of_tar[sample["__url__"]](img)
         if self.cfg.channels != 1:
             out = {k: v.expand(self.cfg.channels, -1, -1).contiguous() for k, v in out.items()}
-        out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
+        if self.cfg.labels:
+            out["labels"] = torch.from_numpy(decode_member("labels.i8", sample["labels.i8"]).copy())
         if self.special is not None:
             ids = decode_member(self.ids_member, sample.get(self.ids_member, b""))
             out["ids"], out["attention_mask"] = pad_truncate_ids(
@@ -194,7 +202,7 @@ class TorchLoader:
         self.drop_last = drop_last
         if len(cfg.split.tars) < cfg.world_size:
             raise ValueError(
-                f"{cfg.split.root}: split {cfg.split.split!r} has {len(cfg.split.tars)} tars, fewer than "
+                f"{cfg.split.where}: split {cfg.split.split!r} has {len(cfg.split.tars)} tars, fewer than "
                 f"world_size={cfg.world_size}; the torch backend deals whole tars to ranks"
             )
 

@@ -1,6 +1,7 @@
 """`ShardFolder`: the one owner of a shard folder (manifest, tokenizer, labels, pixel statistics,
-per-split counts, sample table). The trainer, the pipelines, the evaluation and `inspect` open a
-folder through `open_shards` once and read everything from the object.
+per-split counts, sample table). The evaluation and `inspect` open a folder through `open_shards`
+once and read everything from the object; the trainer and the pipelines read one folder or
+several through a `cxrfast.shards.shard_set.ShardSet` of them.
 
 `ShardFolder.split(name)` checks, before any reader starts, that the files a split needs are there
 and whole: every tar with its DALI `.idx`, tar sizes equal to the manifest's bytes (a truncated
@@ -40,23 +41,6 @@ class ShardSplit:
     def samples(self) -> int:
         """Samples in the split (all tars)."""
         return sum(self.samples_per_tar)
-
-    # The folder-level facts the loaders need, reachable from the split they were given.
-    @property
-    def has_text(self) -> bool:
-        return self.folder.has_text
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return self.folder.special_ids
-
-    @property
-    def vocab_size(self) -> int | None:
-        return self.folder.vocab_size
-
-    @property
-    def pixel_stats(self) -> tuple[float, float]:
-        return self.folder.pixel_stats
 
 
 @dataclass(frozen=True)

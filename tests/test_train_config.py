@@ -144,8 +144,11 @@ def test_method_contract_of_mae_and_mrm(mimic_shards: Path):
         req = method.data_request("train")
         assert req.augmentation == method.name and req.image_size == 64
         assert (req.mean, req.std) == (cfg.method.mean, cfg.method.std)  # the published constants
+        assert not req.labels  # pre-training reads no labels
         shards_norm = build_method(apply_overrides(cfg, ["pixel_norm=shards"]).method, folder)
-        assert (shards_norm.data_request("train").mean, shards_norm.data_request("train").std) == folder.pixel_stats
+        # the shards' statistics: each folder's own, applied in the loader; the export records them
+        assert (shards_norm.data_request("train").mean, shards_norm.data_request("train").std) == (None, None)
+        assert (shards_norm.mean, shards_norm.std) == folder.pixel_stats
         assert req.needs_reports == (preset == "tiny_mrm")
         groups = method.param_groups(0.05)
         assert sum(len(g["params"]) for g in groups) == len([p for p in method.parameters() if p.requires_grad])

@@ -264,3 +264,43 @@ def test_bench_train_runs_on_tiny_preset(mimic_shards: Path, tmp_path: Path):
     assert run["gflops_per_image"] == pytest.approx(build_model("mae_vit_tiny_test").flops_per_image() / 1e9)
     assert run["tflops"] == pytest.approx(run["images_per_s"] * run["gflops_per_image"] / 1e3)
     assert (tmp_path / "train_throughput.png").is_file()
+
+
+@pytest.mark.slow
+def test_mae_on_a_chexpert_nih_mix_resumes_mid_epoch(chexpert_shards: Path, nih_shards: Path, tmp_path: Path):
+    """tiny MAE through `cxrfast train` on two shard folders (CheXpert + NIH: other label orders, no
+    labels read): a checkpoint in the middle of epoch 2, from which a resumed run (DALI's loader
+    checkpoint over the union of the folders) logs the uninterrupted run's losses; config.json
+    records each folder's path, dataset, sample count and share."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    n = {d: sum(e["samples"] for e in json.loads((s / "manifest.json").read_text())["splits"]["train"])
+         for d, s in (("chexpert", chexpert_shards), ("nih", nih_shards))}
+    spe = (n["chexpert"] + n["nih"]) // 4  # tiny_mae: micro-batch 4, one rank
+    mid = spe + spe // 2
+    assert mid % spe
+    # overrides right after the folder list: they are not taken for folders
+    common = ["log_every=1", "epochs=2", "warmup_epochs=1", "num_threads=1", "export=false"]
+    base = ["--preset", "tiny_mae", "--shards", str(chexpert_shards), str(nih_shards), *common]
+    first = _cxrfast_train([*base, "--out", str(full), f"ckpt_every_steps={mid}", "ckpt_keep=0"])
+    assert first.returncode == 0, first.stderr[-6000:]
+    again = _cxrfast_train([*base, "--out", str(resumed), "--resume-from", str(full / "checkpoints" / f"step_{mid:08d}")])
+    assert again.returncode == 0, again.stderr[-6000:]
+
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["steps_per_epoch"] == spe and cfg["data"]["datasets"] == []
+    assert [(e["path"], e["dataset"], e["samples"]) for e in cfg["shards"]] == [
+        (str(chexpert_shards), "chexpert", n["chexpert"]), (str(nih_shards), "nih", n["nih"])]
+    assert [e["share"] for e in cfg["shards"]] == pytest.approx([n["chexpert"] / sum(n.values()), n["nih"] / sum(n.values())])
+    rows = {r["step"]: r for r in _metrics(full)}
+    after = _metrics(resumed)
+    assert sorted(rows) == list(range(1, 2 * spe + 1))
+    assert [r["step"] for r in after] == list(range(mid + 1, 2 * spe + 1))
+    for r in after:
+        for key in ("loss", "lr"):
+            assert r[key] == pytest.approx(rows[r["step"]][key], rel=1e-6, abs=1e-9), (r["step"], key)
+
+    # A mid-epoch position over other folders cannot carry over: refused, naming both mixes.
+    other = _cxrfast_train(["--preset", "tiny_mae", "--shards", str(chexpert_shards), "--out", str(tmp_path / "x"),
+                            *common, "--resume-from", str(full / "checkpoints" / f"step_{mid:08d}")])
+    assert other.returncode != 0 and "a mid-epoch position cannot carry over" in other.stderr, other.stderr[-3000:]
+    assert f"{nih_shards} (nih, {n['nih']})" in other.stderr

@@ -19,7 +19,7 @@ from cxrfast.methods.moco import MoCo, MoCoMethodConfig
 from cxrfast.methods.mrm import MRM, MRMMethodConfig
 
 if TYPE_CHECKING:
-    from cxrfast.shards.folder import ShardFolder
+    from cxrfast.shards.shard_set import ShardSet
 
 #: name -> Method subclass.
 METHODS: dict[str, type[Method]] = {
@@ -39,8 +39,9 @@ def method_for_config(cfg: MethodConfig) -> type[Method]:
     raise ValueError(f"no registered method takes a {type(cfg).__name__}; registered: {sorted(METHODS)}")
 
 
-def build_method(cfg: MethodConfig, shards: ShardFolder) -> Method:
-    """Build the method `cfg` configures, for the shard folder it trains on."""
+def build_method(cfg: MethodConfig, shards: ShardSet) -> Method:
+    """Build the method `cfg` configures, for the shard folders it trains on (a `ShardSet`; a
+    `ShardFolder` serves as a set of one)."""
     return method_for_config(cfg).build(cfg, shards)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 if TYPE_CHECKING:
     import numpy as np
 
-    from cxrfast.shards.folder import ShardFolder
+    from cxrfast.shards.shard_set import ShardSet
 
 #: `validation_step` outputs named with this prefix hold one row per sample ([b, ...]); the trainer
 #: gathers them over every batch and rank and hands them to `Method.validation_metrics`.
@@ -49,14 +49,16 @@ class DataRequest:
 
     augmentation: str  # name in cxrfast.pipelines.AUGMENTATIONS (mae, mrm, mgca, moco, eval)
     image_size: int  # side of `image` (square)
-    mean: float | None = None  # pixel normalisation on the 0..1 scale; None = the shards' measured statistics
+    mean: float | None = None  # pixel normalisation on the 0..1 scale; None = each shard folder's measured statistics
     std: float | None = None
+    dataset_norms: tuple[tuple[str, float, float], ...] = ()  # (dataset, mean, std) for that dataset's folders, over mean/std
     channels: int = 1  # image channels fed to the network (grayscale replicated when 3)
     text_len: int | None = None  # token length of `ids` / `attention_mask`; None = no report text
     text: str | None = None  # which report text becomes `ids` (a name in cxrfast.shards.schema.TEXTS); None = the default
     #: image outputs delivered as float32 whatever the run's precision (loss targets: the published code
     #: computes its losses against fp32 images under fp16 autocast); the network casts its own inputs
     fp32_outputs: tuple[str, ...] = ()
+    labels: bool = False  # batches carry `labels` (the shard folders must share their label names)
 
     @property
     def needs_reports(self) -> bool:
@@ -105,9 +107,10 @@ class Method(nn.Module, abc.ABC):
     config_cls: ClassVar[type[MethodConfig]]
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> Method:
-        """Construct from the config and the shard folder (vocabulary, label names, pixel statistics).
-        Raise ValueError naming the folder when the shards cannot serve this method."""
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> Method:
+        """Construct from the config and the shard folders the run reads (vocabulary, label names,
+        pixel statistics: see `cxrfast.shards.shard_set.ShardSet`). Raise ValueError naming the
+        folder when the shards cannot serve this method."""
         return cls(cfg)  # type: ignore[call-arg]
 
     # --- required ---------------------------------------------------------------------------
@@ -179,6 +182,6 @@ class Method(nn.Module, abc.ABC):
         `train.select_metric=val_<name>`. Only the validation split ever reaches it. Default: none."""
         return {}
 
-    def extra_exports(self, out: Path, shards: ShardFolder) -> list[Path]:
+    def extra_exports(self, out: Path, shards: ShardSet) -> list[Path]:
         """Files written next to encoder.safetensors at export (e.g. a text encoder); rank 0, fp32 copy."""
         return []

@@ -36,6 +36,7 @@ from torch import nn
 from cxrfast.eval.encoders import in_chans_of, is_vit
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig
 from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import ShardSet, open_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,12 @@ class Finetune(Method):
         self._flops: float | None = None
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> Finetune:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> Finetune:
         assert isinstance(cfg, FinetuneMethodConfig)
+        shard_set = open_shard_set(shards)
+        if len(shard_set) != 1:
+            raise ValueError(f"fine-tuning reads one labelled shard folder (its draw's subset), got {shard_set.where}")
+        shards = shard_set.folders[0]
         if not cfg.labels:
             raise ValueError("method.labels is empty: name the labels to predict (e.g. a task's labels)")
         have = shards.label_names
@@ -230,7 +235,7 @@ class Finetune(Method):
     def data_request(self, split: str) -> DataRequest:
         aug = self.cfg.augmentation if split == "train" else self.cfg.eval_augmentation
         return DataRequest(augmentation=aug, image_size=self.cfg.image_size, mean=self.mean, std=self.std,
-                           channels=self.in_chans)  # fmt: skip
+                           channels=self.in_chans, labels=True)  # fmt: skip
 
     def targets(self, codes: torch.Tensor) -> torch.Tensor:
         """Raw label codes [b, all labels] -> targets [b, L] (1, 0, -1 masked) under the policy."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, add_weight_decay_exempt
-from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.schema import DATASET_LABEL_NAMES
+from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ class MAEMethodConfig(MethodConfig):
     mask_ratio: float = 0.75  # share of image patches removed from the encoder input
     norm_pix_loss: bool = True  # MSE on per-patch normalised pixels
     fused: bool = True  # fused (Triton) masking/loss kernels on CUDA; false = plain-PyTorch references
-    pixel_norm: str = "published"  # published: normalise with mean/std below; shards: the shards' measured statistics
+    pixel_norm: str = "published"  # published: normalise with mean/std below; shards: each shard folder's measured statistics
     mean: float = _IMAGENET_GRAY[0]  # pixel mean on the 0..1 scale (pixel_norm=published); ImageNet's RGB, see gray_normalisation
     std: float = _IMAGENET_GRAY[1]  # pixel std on the 0..1 scale (pixel_norm=published)
+    dataset_norms: tuple[str, ...] = ()  # pixel_norm=published: "dataset:mean:std" for that dataset's shard folders
     decay_tokens: bool = True  # the published grouping (timm add_weight_decay: tokens decayed); false = cls/mask tokens exempt
     pos_embed: str = "mae"  # fixed sin-cos tables: mae (MAE's util/pos_embed.py) | mrm (MRM's); an init file's table wins
 
@@ -70,11 +72,47 @@ class MAEMethodConfig(MethodConfig):
             raise ValueError(f"method.std must be > 0, got {self.std}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"method.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        parse_dataset_norms(self.dataset_norms)
 
 
-def resolve_pixel_norm(cfg: MAEMethodConfig, shards: ShardFolder) -> tuple[float, float]:
-    """(mean, std) the images are normalised with: the config's constants, or the shards' statistics."""
+def parse_dataset_norms(entries: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
+    """`method.dataset_norms` entries "dataset:mean:std" (0..1 scale) -> (dataset, mean, std);
+    ValueError naming the entry."""
+    out: list[tuple[str, float, float]] = []
+    for entry in entries:
+        parts = entry.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            dataset, mean, std = parts[0], float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"method.dataset_norms: {entry!r} is not dataset:mean:std (e.g. nih:0.5056:0.252)") from None
+        if dataset not in DATASET_LABEL_NAMES or any(dataset == d for d, _, _ in out):
+            raise ValueError(f"method.dataset_norms: {entry!r} must name a dataset of {tuple(DATASET_LABEL_NAMES)} once")
+        if not std > 0:
+            raise ValueError(f"method.dataset_norms: {entry!r} needs std > 0")
+        out.append((dataset, mean, std))
+    return tuple(out)
+
+
+class PixelNormConfig(Protocol):
+    """A method config's pixel normalisation fields (MAE, MRM, MoCo, MGCA)."""
+
+    pixel_norm: str
+    mean: float
+    std: float
+
+
+def resolve_pixel_norm(cfg: PixelNormConfig, shards: ShardSet) -> tuple[float, float]:
+    """(mean, std) the encoder is exported with: the config's constants, or the shards' statistics
+    (pooled over the folders when several are mixed; `ShardSet.pixel_stats`)."""
     return shards.pixel_stats if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
+
+
+def request_pixel_norm(cfg: PixelNormConfig) -> tuple[float | None, float | None]:
+    """(mean, std) of the method's DataRequest: the published constants (one normalisation for every
+    folder), or None: the loaders normalise each folder's samples with that folder's statistics."""
+    return (None, None) if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
 
 
 class MAE(Method):
@@ -96,7 +134,7 @@ class MAE(Method):
                                pos_embed=cfg.pos_embed, **net_kwargs)
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MAE:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> MAE:
         assert isinstance(cfg, MAEMethodConfig)
         mean, std = resolve_pixel_norm(cfg, shards)
         return cls(cfg, mean=mean, std=std).init_encoder()
@@ -113,8 +151,15 @@ class MAE(Method):
                             len(report.missing), ", ".join(report.missing[:6]))
         return self
 
+    def pixel_request(self) -> dict[str, Any]:
+        """The DataRequest's normalisation: the published constants (`mean`/`std`, and each of
+        `dataset_norms` for the folders of its dataset), or each folder's statistics (pixel_norm=shards)."""
+        mean, std = request_pixel_norm(self.cfg)
+        by_dataset = parse_dataset_norms(self.cfg.dataset_norms) if mean is not None else ()
+        return {"mean": mean, "std": std, "dataset_norms": by_dataset}
+
     def data_request(self, split: str) -> DataRequest:
-        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, mean=self.mean, std=self.std,
+        return DataRequest(augmentation=self.augmentation, image_size=self.net.cfg.img_size, **self.pixel_request(),
                            fp32_outputs=self.fp32_outputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
+from cxrfast.methods.mae import PIXEL_NORMS, request_pixel_norm, resolve_pixel_norm
 from cxrfast.models.mgca import BatchNormFP32, ImageEncoder, Projection, ReportEncoder
 from cxrfast.models.mgca_losses import clipped_weights, instance_loss, local_loss, prototype_loss, sinkhorn
-from cxrfast.shards.folder import ShardFolder
 from cxrfast.shards.schema import TEXTS
+from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 
-PIXEL_NORMS = ("published", "shards")
 TEXT_ENCODER_DIR = "text_encoder"
 
 
@@ -77,7 +77,7 @@ class MGCAMethodConfig(MethodConfig):
     word_attn_shift: bool = True  # published: a word is weighted by the [CLS] attention one token after its pieces
     normalize_patch_context: bool = False  # published (ViT): the words attended by a patch are not re-normalised
     decay_all: bool = True  # published: weight decay on every parameter (biases, norms, prototypes too)
-    pixel_norm: str = "published"  # published: mean/std below; shards: the shards' measured statistics
+    pixel_norm: str = "published"  # published: mean/std below; shards: each shard folder's measured statistics
     mean: float = 0.5  # pixel mean on the 0..1 scale (pixel_norm=published; torchvision Normalize(0.5, 0.5))
     std: float = 0.5  # pixel std on the 0..1 scale (pixel_norm=published)
 
@@ -147,7 +147,7 @@ class MGCA(Method):
         self.special_tokens = special_tokens or {}
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MGCA:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> MGCA:
         from cxrfast.models.mgca import check_text_folder, check_text_tokenizer, pretrained_bert, random_bert
         from cxrfast.models.text_encoder import wordpiece_continuation
 
@@ -155,7 +155,7 @@ class MGCA(Method):
         shards.require_text(f"method {cls.name!r}", cfg.text)
         special = shards.special_ids
         if "sep" not in special:
-            raise ValueError(f"{shards.manifest_path}: the shards' tokenizer has no [SEP]; MGCA's word aggregation "
+            raise ValueError(f"{shards.tokenizer_path}: the shards' tokenizer has no [SEP]; MGCA's word aggregation "
                              "ends each report at [SEP] (use a BERT tokenizer, e.g. `cxrfast shard mimic --tokenizer`)")
         vocab_size = int(shards.tokenizer_info["vocab_size"])
         if cfg.text_model is not None:
@@ -172,7 +172,7 @@ class MGCA(Method):
                                max_len=cfg.text_max_positions)
         text = ReportEncoder(bert, continuation=wordpiece_continuation(shards.vocab, bert.config.vocab_size),
                              sep_id=special["sep"], shift_attention=cfg.word_attn_shift)
-        mean, std = shards.pixel_stats if cfg.pixel_norm == "shards" else (cfg.mean, cfg.std)
+        mean, std = resolve_pixel_norm(cfg, shards)
         by_id = {i: t for t, i in shards.vocab.items()}
         method = cls(cfg, text=text, mean=mean, std=std, tokenizer_file=shards.tokenizer_path,
                      special_tokens={k: by_id[i] for k, i in special.items() if i in by_id})
@@ -193,8 +193,9 @@ class MGCA(Method):
 
     # --- contract -------------------------------------------------------------------------
     def data_request(self, split: str) -> DataRequest:
+        mean, std = request_pixel_norm(self.cfg)
         return DataRequest(augmentation="mgca" if split == "train" else "mgca_eval",
-                           image_size=int(self.image.timm_kwargs["img_size"]), mean=self.mean, std=self.std,
+                           image_size=int(self.image.timm_kwargs["img_size"]), mean=mean, std=std,
                            text_len=self.cfg.text_len, text=self.cfg.text)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -269,7 +270,7 @@ class MGCA(Method):
         return EncoderExport(arch=self.image.timm_name, kwargs=dict(self.image.timm_kwargs), state_dict=sd,
                              mean=self.mean, std=self.std)
 
-    def extra_exports(self, out: Path, shards: ShardFolder) -> list[Path]:
+    def extra_exports(self, out: Path, shards: ShardSet) -> list[Path]:
         """OUT/text_encoder: the BERT as a Hugging Face folder (config.json, model.safetensors, the
         shards' tokenizer). `transformers.AutoModel.from_pretrained(folder, add_pooling_layer=False)`
         loads it strictly (MGCA's BERT has no pooler; without that argument transformers adds an

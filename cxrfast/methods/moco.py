@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cxrfast.methods.base import DataRequest, EncoderExport, Method, MethodConfig, StepContext
-from cxrfast.methods.mae import PIXEL_NORMS, resolve_pixel_norm
+from cxrfast.methods.mae import PIXEL_NORMS, request_pixel_norm, resolve_pixel_norm
 from cxrfast.models.moco import (
     GroupBatchNorm2d,
     KeyQueue,
@@ -59,7 +59,7 @@ from cxrfast.models.moco import (
     forward_flops,
     set_batchnorm_groups,
 )
-from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class MoCoMethodConfig(MethodConfig):
     momentum: float = 0.999  # key encoder EMA momentum m
     temperature: float = 0.2  # softmax temperature T
     bn_splits: int = 0  # BatchNorm groups per rank's micro-batch (shuffle-BN); 0 = 1 on several ranks, 2 on one
-    pixel_norm: str = "published"  # published: mean/std below; shards: the shards' measured statistics
+    pixel_norm: str = "published"  # published: mean/std below; shards: each shard folder's measured statistics
     mean: float = CXR_MEAN  # pixel mean on the 0..1 scale (pixel_norm=published)
     std: float = CXR_STD  # pixel std on the 0..1 scale (pixel_norm=published)
     decay_all: bool = True  # weight decay on every parameter incl. BatchNorm and biases (the published Adam)
@@ -175,15 +175,16 @@ class MoCo(Method):
         self._flops = self._count_flops()
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MoCo:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> MoCo:
         assert isinstance(cfg, MoCoMethodConfig)
-        mean, std = resolve_pixel_norm(cfg, shards)  # type: ignore[arg-type]  (same pixel_norm/mean/std fields)
+        mean, std = resolve_pixel_norm(cfg, shards)
         return cls(cfg, mean=mean, std=std)
 
     # --- contract --------------------------------------------------------------------------
     def data_request(self, split: str) -> DataRequest:
-        return DataRequest(augmentation=self.augmentation, image_size=self.cfg.image_size, mean=self.mean,
-                           std=self.std, channels=IN_CHANS)
+        mean, std = request_pixel_norm(self.cfg)
+        return DataRequest(augmentation=self.augmentation, image_size=self.cfg.image_size, mean=mean, std=std,
+                           channels=IN_CHANS)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training micro-batch (or, in eval mode, a validation batch) -> {"loss"}."""

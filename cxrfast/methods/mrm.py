@@ -17,8 +17,8 @@ from typing import ClassVar
 from cxrfast.methods.base import DataRequest, MethodConfig
 from cxrfast.methods.mae import MAE, MAEMethodConfig, resolve_pixel_norm
 from cxrfast.pipelines.resolution import POLICIES
-from cxrfast.shards.folder import ShardFolder
 from cxrfast.shards.schema import TEXTS
+from cxrfast.shards.shard_set import ShardSet
 
 #: `cxrfast.models.text_encoder.TEXT_INITS` (not imported: configs and presets load without transformers)
 TEXT_INITS = ("bert", "mrm")
@@ -65,7 +65,7 @@ class MRM(MAE):
     fp32_outputs: ClassVar[tuple[str, ...]] = ("target",)
 
     @classmethod
-    def build(cls, cfg: MethodConfig, shards: ShardFolder) -> MRM:
+    def build(cls, cfg: MethodConfig, shards: ShardSet) -> MRM:
         from cxrfast.models import MODELS, text_kwargs_from_shards
         from cxrfast.pipelines.resolution import require_target_resolution
 
@@ -82,5 +82,5 @@ class MRM(MAE):
 
     def data_request(self, split: str) -> DataRequest:
         c = self.net.cfg
-        return DataRequest(augmentation=self.augmentation, image_size=c.img_size, mean=self.mean, std=self.std,
+        return DataRequest(augmentation=self.augmentation, image_size=c.img_size, **self.pixel_request(),
                            text_len=c.text_len, text=self.cfg.text, fp32_outputs=self.fp32_outputs)

@@ -5,13 +5,12 @@ Shapes: B batch, L text length, H BERT width, V vocabulary size.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.shards.shard_set import ShardsArg, open_shard_set
 
 FEATURE_AT = ("embeddings_out", "word_embeddings")
 #: How the BERT's weights start: "bert" = transformers' BERT init (every Linear and Embedding
@@ -151,10 +150,11 @@ def wordpiece_continuation(vocab: dict[str, int], vocab_size: int | None = None)
     return out
 
 
-def text_kwargs_from_shards(shards: Path | ShardFolder) -> dict[str, Any]:
+def text_kwargs_from_shards(shards: ShardsArg) -> dict[str, Any]:
     """`vocab_size`, `special_ids` and `wordpiece_continuation` for an MRM model, read from a
-    shard folder's manifest.json and tokenizer.json (the tokenizer the `ids.i32` were made with)."""
-    folder = open_shards(shards)
+    shard folder's manifest.json and tokenizer.json (the tokenizer the `ids.i32` were made with);
+    several folders must share that tokenizer (`ShardSet`)."""
+    folder = open_shard_set(shards)
     vocab_size = int(folder.tokenizer_info["vocab_size"])
     return {
         "vocab_size": vocab_size,

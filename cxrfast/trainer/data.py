@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from cxrfast.methods.base import DataRequest
-from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,13 @@ def loader_kwargs(request: DataRequest) -> dict[str, Any]:
     """`build_loader` arguments that a method's DataRequest fixes."""
     return dict(augmentation=request.augmentation, image_size=request.image_size, mean=request.mean, std=request.std,
                 channels=request.channels, text_len=request.text_len, text=request.text,
-                fp32_outputs=request.fp32_outputs)
+                fp32_outputs=request.fp32_outputs, labels=request.labels,
+                dataset_norms={d: (m, s) for d, m, s in request.dataset_norms})
 
 
 class EpochData:
-    """Batches of one epoch at a time, `steps` optimizer steps of `accum` micro-batches each.
+    """Batches of one epoch at a time, `steps` optimizer steps of `accum` micro-batches each, from
+every folder of the shard set (one loader over their union).
 
     With `overfit_batches=N > 0` the first N batches of epoch 0 are kept in memory and replayed
     every epoch (an overfitting check of the model and the loop).
@@ -49,7 +51,7 @@ class EpochData:
 
     def __init__(
         self,
-        folder: ShardFolder,
+        shards: ShardSet,
         request: DataRequest,
         *,
         split: str,
@@ -64,7 +66,7 @@ class EpochData:
         world_size: int,
         overfit_batches: int = 0,
     ) -> None:
-        self.folder = folder
+        self.shards = shards
         self.backend = backend
         self._kw = dict(
             split=split, batch_size=batch_size, backend=backend, dtype=dtype, shuffle=shuffle,
@@ -83,7 +85,7 @@ class EpochData:
         self.steps = micro // accum
         if self.steps < 1:
             raise ValueError(
-                f"{folder.root}: split {split!r} gives {micro} micro-batches of {batch_size} per rank "
+                f"{shards.where}: split {split!r} gives {micro} micro-batches of {batch_size} per rank "
                 f"(world size {world_size}), fewer than one optimizer step of {accum} micro-batches"
             )
         self._first = first
@@ -96,7 +98,7 @@ class EpochData:
     def _build(self, epoch: int, checkpoint: bytes | None = None):
         from cxrfast.pipelines import build_loader
 
-        return build_loader(self.folder, seed=self.seed + epoch, checkpoint=checkpoint, **self._kw)
+        return build_loader(self.shards, seed=self.seed + epoch, checkpoint=checkpoint, **self._kw)
 
     def stream(self) -> Iterator[dict[str, Any]]:
         """Endless micro-batches from one loader, epoch after epoch without rebuilding it (benchmarks;

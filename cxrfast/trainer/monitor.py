@@ -20,7 +20,8 @@ from typing import Any
 
 from cxrfast.config import RunConfig
 from cxrfast.methods.base import Method
-from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.shards.folder import open_shards
+from cxrfast.shards.shard_set import ShardSet
 from cxrfast.trainer.checkpoint import RunState
 from cxrfast.trainer.distributed import on_rank_zero
 from cxrfast.trainer.export import fp32_state, load_full_state
@@ -32,12 +33,12 @@ log = logging.getLogger(__name__)
 class Monitor:
     """The monitor of one run (every rank holds one; rank 0 probes)."""
 
-    def __init__(self, cfg: RunConfig, folder: ShardFolder, out: Path, *, rank: int) -> None:
+    def __init__(self, cfg: RunConfig, train_shards: ShardSet, out: Path, *, rank: int) -> None:
         from cxrfast.eval.samples import labelled_splits
         from cxrfast.eval.tasks import get_task, task_labels
 
         m = cfg.monitor
-        self.cfg, self.folder, self.out, self.rank = cfg, folder, Path(out), rank
+        self.cfg, self.train_shards, self.out, self.rank = cfg, train_shards, Path(out), rank
         self.protocol = m.protocol_settings()
         # The monitor folder is checked before training (the same answer on every rank).
         self.shards = open_shards(Path(str(m.shards)))
@@ -69,7 +70,7 @@ class Monitor:
         from cxrfast.methods import build_method
 
         if self._method is None:
-            self._method = build_method(self.cfg.method, self.folder).float().eval()
+            self._method = build_method(self.cfg.method, self.train_shards).float().eval()
         load_full_state(self._method, full)
         export = self._method.encoder_export()
         model = timm.create_model(export.arch, pretrained=False, **export.kwargs)

@@ -1,8 +1,9 @@
 """One pre-training run inside an initialised process group: build the parts, train, export.
 
-The trainer knows nothing method-specific: it opens the shard folder, builds the method from the
-run config, asks it what data it needs, builds the DeepSpeed engine around it, runs the loop
-(which calls the method's hooks), checkpoints, resumes and exports `method.encoder_export()`.
+The trainer knows nothing method-specific: it opens the shard folders (one `ShardSet`: one
+folder or several, trained on as their union), builds the method from the run config, asks it
+what data it needs, builds the DeepSpeed engine around it, runs the loop (which calls the
+method's hooks), checkpoints, resumes and exports `method.encoder_export()`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from cxrfast.config import RunConfig
 from cxrfast.methods import build_method
 from cxrfast.methods.base import Method, StepContext
-from cxrfast.shards.folder import ShardFolder, open_shards
+from cxrfast.shards.shard_set import ShardsArg, ShardSet, open_shard_set
 from cxrfast.trainer import deepspeed_config
 from cxrfast.trainer.build import build_engine, loader_dtype, lr_schedule
 from cxrfast.trainer.checkpoint import Checkpointer, RunState
@@ -31,12 +32,28 @@ from cxrfast.trainer.validate import Selection, Update, Validator
 log = logging.getLogger(__name__)
 
 
-def make_method(cfg: RunConfig, folder: ShardFolder) -> Method:
+def make_method(cfg: RunConfig, shards: ShardSet) -> Method:
     """The method of `cfg`, seeded by `train.seed` (every rank builds identical initial weights)."""
     import torch
 
     torch.manual_seed(cfg.train.seed)
-    return build_method(cfg.method, folder)
+    return build_method(cfg.method, shards)
+
+
+def check_datasets(cfg: RunConfig, shards: ShardSet, *, rank: int = 0) -> None:
+    """Compare the folders' datasets with the preset's published mix (`data.datasets`): a warning
+    (rank 0), or a ValueError with `data.strict_datasets=true`; nothing when the preset names none."""
+    want = cfg.data.datasets
+    if not want or sorted(set(shards.datasets)) == sorted(set(want)):
+        return
+    given = ", ".join(f"{f.root} ({f.dataset})" for f in shards.folders)
+    message = (f"preset {cfg.preset!r} was published on {' + '.join(want)}, but the shard folders hold {given}: "
+               "this run is not the published mix")
+    if cfg.data.strict_datasets:
+        raise ValueError(f"{message} (data.strict_datasets=true; set data.datasets to the mix you mean, or "
+                         "data.strict_datasets=false to train anyway)")
+    if rank == 0:
+        log.warning("%s (data.strict_datasets=true refuses this)", message)
 
 
 @dataclass
@@ -46,24 +63,24 @@ class Built:
     engine: Any
     method: Method
     data: EpochData
-    folder: ShardFolder
+    shards: ShardSet
     ds: dict[str, Any]
     peak_lr: float
     schedule: LRSchedule
     flops_per_image: float
 
 
-def build(cfg: RunConfig, shards: Path | ShardFolder, ds_file: Path | None = None) -> Built:
-    """Method, DeepSpeed settings, data and engine for `cfg` (collective: every rank calls it)."""
+def build(cfg: RunConfig, shards: ShardsArg, ds_file: Path | None = None) -> Built:
+    """Method, DeepSpeed settings, data and engine for `cfg` on the shard folder(s) `shards`
+    (collective: every rank calls it)."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    folder = open_shards(shards)
-    split_n = folder.split_samples.get(cfg.data.split, 0)
-    if split_n == 0:
-        raise ValueError(f"{folder.manifest_path}: split {cfg.data.split!r} has no samples (splits: {folder.split_samples})")
-    method = make_method(cfg, folder)
+    shards = open_shard_set(shards)
+    shards.require_split(cfg.data.split, "training")
+    check_datasets(cfg, shards, rank=rank)
+    method = make_method(cfg, shards)
     if cfg.train.grad_checkpointing:
         method.set_grad_checkpointing(True)
     if cfg.train.compile:
@@ -73,7 +90,7 @@ def build(cfg: RunConfig, shards: Path | ShardFolder, ds_file: Path | None = Non
         log.info("torch.compile: %d module(s)", len(targets))
     ds = deepspeed_config.build(cfg, world, ds_file)
     data = EpochData(
-        folder, method.data_request(cfg.data.split), split=cfg.data.split,
+        shards, method.data_request(cfg.data.split), split=cfg.data.split,
         batch_size=ds["train_micro_batch_size_per_gpu"], accum=ds["gradient_accumulation_steps"],
         backend=cfg.data.backend, dtype=loader_dtype(ds), seed=cfg.train.seed, shuffle=cfg.data.shuffle,
         num_threads=cfg.data.num_threads, rank=rank, world_size=world, overfit_batches=cfg.data.overfit_batches,
@@ -82,19 +99,34 @@ def build(cfg: RunConfig, shards: Path | ShardFolder, ds_file: Path | None = Non
     peak_lr = cfg.optim.peak_lr(ds["train_batch_size"])
     schedule = lr_schedule(cfg.optim, data.steps, peak_lr)
     engine = build_engine(method, cfg.optim, ds, schedule, peak_lr, cuda=torch.cuda.is_available())
-    return Built(engine=engine, method=engine.module, data=data, folder=folder, ds=ds, peak_lr=peak_lr,
+    return Built(engine=engine, method=engine.module, data=data, shards=shards, ds=ds, peak_lr=peak_lr,
                  schedule=schedule, flops_per_image=flops)
 
 
+def _mix_summary(mix: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(dataset, samples) per folder in order: what a mid-epoch data position depends on."""
+    return [(str(e["dataset"]), int(e["samples"])) for e in mix]
+
+
 def _check_resume(cfg: RunConfig, client: dict[str, Any], b: Built, world: int) -> None:
-    """Refuse a checkpoint of another preset/method or a mid-epoch one with another batch geometry;
-    say what changed when the schedule differs (the new one is followed)."""
+    """Refuse a checkpoint of another preset/method, or a mid-epoch one with another batch geometry
+    or other shard folders; say what changed when the schedule or the folders differ."""
     state = RunState(epoch=int(client["epoch"]), step=int(client["step"]), micro=int(client.get("micro", 0)))
     if client.get("preset") not in (None, cfg.preset):
         raise ValueError(f"--resume: the checkpoint is of preset {client.get('preset')!r}, this run is preset "
                          f"{cfg.preset!r}; resume with --preset {client.get('preset')} or start a new --out")
     if client.get("method") not in (None, cfg.method_name):
         raise ValueError(f"--resume: the checkpoint is of method {client.get('method')!r}, this run's is {cfg.method_name!r}")
+    old_mix, mix = client.get("shards"), b.shards.mix(cfg.data.split)
+    if old_mix is not None and _mix_summary(old_mix) != _mix_summary(mix):
+        before = ", ".join(f"{e['path']} ({e['dataset']}, {e['samples']})" for e in old_mix)
+        now = ", ".join(f"{e['path']} ({e['dataset']}, {e['samples']})" for e in mix)
+        if state.micro:
+            raise ValueError(f"--resume: the checkpoint is {state.micro} micro-batches into an epoch over the shard "
+                             f"folders {before}; this run reads {now}: a mid-epoch position cannot carry over (give "
+                             "the same --shards in the same order, or resume from an epoch-end checkpoint)")
+        log.warning("the shard folders changed since the checkpoint (%s -> %s): the next epoch reads this run's",
+                    before, now)
     geometry = {"world_size": world, "steps_per_epoch": b.data.steps, "global_batch": b.ds["train_batch_size"]}
     old = {k: client.get(k) for k in geometry}
     if old != geometry:
@@ -111,19 +143,23 @@ def _check_resume(cfg: RunConfig, client: dict[str, Any], b: Built, world: int) 
                     ", ".join(f"{k} {a} -> {c}" for k, (a, c) in changed.items()), state.step)
 
 
-def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None, resume: Path | None = None) -> RunState:
-    """Train `cfg` on `shards` into `out`; `resume` is a checkpoint folder (or tag folder) to continue from."""
+def run(cfg: RunConfig, *, shards: ShardsArg, out: Path, ds_file: Path | None = None,
+        resume: Path | None = None) -> RunState:
+    """Train `cfg` on the union of the shard folder(s) `shards` into `out`; `resume` is a checkpoint
+    folder (or tag folder) to continue from."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b = build(cfg, shards, ds_file)
-    engine, data, ds, folder = b.engine, b.data, b.ds, b.folder
+    engine, data, ds, shards = b.engine, b.data, b.ds, b.shards
+    mix = shards.mix(cfg.data.split)
     cuda = torch.cuda.is_available()
     if rank == 0:
-        log.info("%s (%s) on %s (%s, %d %s samples): %s, %d steps/epoch, peak lr %.3g, %d rank(s)", cfg.preset,
-                 cfg.method_name, folder.root, folder.dataset, folder.split_samples[cfg.data.split], cfg.data.split,
-                 deepspeed_config.describe(ds), data.steps, b.peak_lr, world)
+        log.info("%s (%s) on %s (%d %s samples): %s, %d steps/epoch, peak lr %.3g, %d rank(s)", cfg.preset,
+                 cfg.method_name, ", ".join(f"{e['path']} ({e['dataset']}, {e['samples']}, {e['share']:.1%})" for e in mix),
+                 shards.split_samples[cfg.data.split], cfg.data.split, deepspeed_config.describe(ds), data.steps,
+                 b.peak_lr, world)
 
     t = cfg.train
     checkpointer = Checkpointer(engine, out / "checkpoints", every_epochs=t.ckpt_every_epochs,
@@ -141,7 +177,7 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
     end_epoch = epochs if stop is None else min(epochs, state.epoch + stop)
     if rank == 0:
         cfg.save_json(out / "config.json", world_size=world, deepspeed=ds, peak_lr=b.peak_lr, steps_per_epoch=data.steps,
-                      shards=str(folder.root), resumed_from=None if resume is None else str(resume))
+                      shards=mix, resumed_from=None if resume is None else str(resume))
 
     device_name = torch.cuda.get_device_name() if cuda else None
     throughput = Throughput(world_size=world, flops_per_image=b.flops_per_image,
@@ -156,14 +192,14 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
 
     def export(tag: str, file: Path | None = None) -> Path | None:
         def extra(method: Method) -> list[Path]:
-            return method.extra_exports(out, folder)
+            return method.extra_exports(out, shards)
 
-        return export_trained(engine, lambda: build_method(cfg.method, folder), out, rank=rank,
+        return export_trained(engine, lambda: build_method(cfg.method, shards), out, rank=rank,
                               metadata={**metadata, "selected": tag}, write_extra=extra, file=file)
 
     validator = None
     if t.validates:
-        validator = Validator(folder, engine.module, split=t.validate_split, batch_size=ds["train_micro_batch_size_per_gpu"],
+        validator = Validator(shards, engine.module, split=t.validate_split, batch_size=ds["train_micro_batch_size_per_gpu"],
                               backend=cfg.data.backend, dtype=loader_dtype(ds), num_threads=cfg.data.num_threads,
                               rank=rank, world_size=world)
     kept = KeptStates(out, metric=t.select_metric, mode=t.select_mode, keep=t.keep_best, rank=rank)
@@ -186,11 +222,11 @@ def run(cfg: RunConfig, *, shards: Path, out: Path, ds_file: Path | None = None,
     if cfg.monitor.every_epochs:
         from cxrfast.trainer.monitor import Monitor
 
-        monitor = Monitor(cfg, folder, out, rank=rank)
+        monitor = Monitor(cfg, shards, out, rank=rank)
 
     def client_state() -> dict[str, Any]:
         return {"preset": cfg.preset, "method": cfg.method_name, "world_size": world, "steps_per_epoch": data.steps,
-                "global_batch": ds["train_batch_size"], "schedule": b.schedule.describe()}
+                "global_batch": ds["train_batch_size"], "schedule": b.schedule.describe(), "shards": mix}
 
     plan = LoopPlan(end_epoch=end_epoch, seed=t.seed, log_every=t.log_every, end_step=cfg.optim.steps,
                     stop_after_steps=t.stop_after_steps, validator=validator, validate_every=t.validate_every_epochs,

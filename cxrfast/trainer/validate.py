@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cxrfast.methods.base import SAMPLE_OUTPUT_PREFIX, Method
-from cxrfast.shards.folder import ShardFolder
+from cxrfast.shards.shard_set import ShardSet
 from cxrfast.trainer.data import loader_kwargs
 
 log = logging.getLogger(__name__)
@@ -108,18 +108,16 @@ class Validator:
     """Validation loss (and the method's metrics) of `method` on `split` (shuffle off, every sample
     once across ranks)."""
 
-    def __init__(self, folder: ShardFolder, method: Method, *, split: str, batch_size: int, backend: str, dtype: Any,
+    def __init__(self, shards: ShardSet, method: Method, *, split: str, batch_size: int, backend: str, dtype: Any,
                  num_threads: int, rank: int, world_size: int) -> None:
         if split == "test":
             raise ValueError("validation on the test split is refused: select and stop on validate only")
-        if folder.split_samples.get(split, 0) == 0:
-            raise ValueError(f"{folder.manifest_path}: split {split!r} has no samples; validation needs it "
-                             f"(splits: {folder.split_samples})")
+        shards.require_split(split, "validation")
         self.split = split
         self._kw = dict(split=split, batch_size=batch_size, backend=backend, dtype=dtype, shuffle=False,
                         num_threads=num_threads, rank=rank, world_size=world_size, drop_last=False,
                         **loader_kwargs(method.data_request(split)))
-        self.folder = folder
+        self.shards = shards
         self._loader = None
 
     def run(self, engine: Any) -> dict[str, float]:
@@ -130,7 +128,7 @@ class Validator:
         from cxrfast.pipelines import build_loader
 
         if self._loader is None:  # one loader, one epoch per call (no shuffle: the same samples each time)
-            self._loader = build_loader(self.folder, seed=0, **self._kw)
+            self._loader = build_loader(self.shards, seed=0, **self._kw)
         method = engine.module
         was_training = method.training
         method.eval()
