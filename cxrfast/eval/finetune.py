@@ -30,7 +30,7 @@ import torch
 
 from cxrfast.eval import encoders, report, results
 from cxrfast.eval.draws import Draw, all_draws
-from cxrfast.eval.linprobe import Inputs, draw_seed, folder_config, resolve_inputs, train_counts
+from cxrfast.eval.linprobe import EvalSetup, Inputs, draw_seed, folder_config, resolve_inputs, train_counts
 from cxrfast.eval.metrics import class_counts
 from cxrfast.eval.protocols import (
     FinetuneKnobs,
@@ -186,21 +186,13 @@ def predict(paths: list[Path], folder: ShardFolder, split: LabelledSplit, inputs
     return total / len(paths)
 
 
-@dataclass
-class Evaluation:
+@dataclass(kw_only=True)
+class Evaluation(EvalSetup):
     """What every draw of one fine-tune evaluation shares."""
 
     spec: encoders.EncoderSpec
-    folder: ShardFolder
-    task: str
-    labels: tuple[str, ...]
-    splits: dict[str, LabelledSplit]
-    protocol: Protocol
-    inputs: Inputs
-    out: Path
     rank: int
     world: int
-    progress: bool
 
     @property
     def knobs(self) -> FinetuneKnobs:

@@ -77,12 +77,11 @@ def draw_seed(base: int, fraction: float, draw: int) -> int:
     return int(np.random.SeedSequence([base, draw, round(fraction * 1_000_000)]).generate_state(1)[0])
 
 
-@dataclass
-class Engine:
-    """Everything one evaluation needs, opened once."""
+@dataclass(kw_only=True)
+class EvalSetup:
+    """What a linear probe and a fine-tune evaluation both hold: the labelled shard folder, the task,
+    its splits, the protocol, the resolved inputs and the output folder."""
 
-    model: nn.Module
-    identity: str
     folder: ShardFolder
     task: str
     labels: tuple[str, ...]
@@ -90,9 +89,17 @@ class Engine:
     protocol: Protocol
     inputs: Inputs
     out: Path
+    progress: bool
+
+
+@dataclass(kw_only=True)
+class Engine(EvalSetup):
+    """Everything one linear-probe evaluation needs, opened once."""
+
+    model: nn.Module
+    identity: str
     cache_dir: Path | None
     augment: bool
-    progress: bool
 
     @property
     def device(self) -> torch.device:
