@@ -194,6 +194,19 @@ def fits(cfg, shards: list[Path], steps: int = 3) -> tuple[bool, float | None]:
         return False, None
 
 
+def batch_overrides(preset: str, batch_size: int, overrides: list[str]) -> list[str]:
+    """Overrides that run `preset` at micro-batch `batch_size` (one rank, no accumulation). A MoCo
+    queue must be a multiple of the global batch: its size becomes the next multiple of `batch_size`
+    (at most batch_size - 1 more keys, a few MB at MoCo-CXR's dim 128, so the memory measured is
+    the preset's)."""
+    out = [*overrides, f"batch_size={batch_size}"]
+    method = _config(preset, out).method
+    queue = getattr(method, "queue_size", None)
+    if queue is not None and queue % batch_size:
+        out.append(f"method.queue_size={-(-queue // batch_size) * batch_size}")
+    return out
+
+
 def find_max_batch(preset: str, shards: list[Path], limit_gib: float, overrides: list[str]) -> dict[str, Any]:
     """Largest micro-batch (multiple of 8) whose steps fit in `limit_gib` GiB on this GPU, and
     whether the preset's goal micro-batch (TARGETS, else 64) fits."""
@@ -206,7 +219,7 @@ def find_max_batch(preset: str, shards: list[Path], limit_gib: float, overrides:
     tried: dict[int, float | None] = {}
 
     def trial(bs: int) -> bool:
-        ok, peak = fits(_config(preset, [*overrides, f"batch_size={bs}", "data.backend=synthetic"]), shards)
+        ok, peak = fits(_config(preset, [*batch_overrides(preset, bs, overrides), "data.backend=synthetic"]), shards)
         tried[bs] = peak if ok else None
         log.info("micro-batch %d: %s", bs, f"fits, peak {peak:.2f} GiB" if ok else "out of memory")
         return ok
