@@ -60,7 +60,7 @@ def label_codes_expr(path: Path) -> pl.Expr:
     return pl.concat_list(exprs).alias("labels")
 
 
-def _where(row: int) -> str:
+def row_where(row: int) -> str:
     """A 0-based data row as people count it: `row 3 (line 4)` (line 1 is the header)."""
     return f"row {row + 1} (line {row + 2})"
 
@@ -75,7 +75,7 @@ def check_label_values(df: pl.DataFrame, path: Path) -> None:
         bad = df.filter(cell.is_not_null() & ~ok)
         if bad.height:
             raise ValueError(
-                f"{path}: column {name!r} holds {bad[name][0]!r} in {_where(bad['_row'][0])}; "
+                f"{path}: column {name!r} holds {bad[name][0]!r} in {row_where(bad['_row'][0])}; "
                 f"expected 1.0, 0.0, -1.0 or blank ({bad.height} such cells in that column)"
             )
 
@@ -93,7 +93,7 @@ def check_unique(df: pl.DataFrame, columns: Sequence[str], path: Path) -> None:
         first = dup.row(0, named=True)
         same = dup.filter(pl.all_horizontal([pl.col(c) == first[c] for c in columns]))
         what = ", ".join(f"{c}={first[c]}" for c in columns)
-        rows = " and ".join(_where(r) for r in same["_row"][:2])
+        rows = " and ".join(row_where(r) for r in same["_row"][:2])
         raise ValueError(f"{path}: {what} appears more than once ({rows}); expected one row per {', '.join(columns)}")
 
 

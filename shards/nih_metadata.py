@@ -29,6 +29,7 @@ from cxrfast.shards.metadata_common import (
     check_views_left,
     parse_views,
     require_csv,
+    row_where,
 )
 from cxrfast.shards.schema import NIH_LABEL_NAMES
 
@@ -95,7 +96,7 @@ def _label_codes(df: pl.DataFrame, path: Path) -> pl.Expr:
     if bad.height:
         i, name = bad.row(0)
         raise ValueError(
-            f"{path}: line {i + 2} (Image Index {df['Image Index'][i]!r}): unknown finding {name!r} in Finding Labels "
+            f"{path}: {row_where(i)} (Image Index {df['Image Index'][i]!r}): unknown finding {name!r} in Finding Labels "
             f"{df['Finding Labels'][i]!r}; expected 'No Finding' or names from {list(NIH_LABEL_NAMES)} joined by '|'"
         )
     mixed = names.group_by("_i").agg((pl.col("_n") == NO_FINDING).any().alias("nf"), pl.len().alias("n"))
@@ -103,7 +104,7 @@ def _label_codes(df: pl.DataFrame, path: Path) -> pl.Expr:
     if mixed.height:
         i = mixed["_i"][0]
         raise ValueError(
-            f"{path}: line {i + 2} (Image Index {df['Image Index'][i]!r}): Finding Labels {df['Finding Labels'][i]!r} "
+            f"{path}: {row_where(i)} (Image Index {df['Image Index'][i]!r}): Finding Labels {df['Finding Labels'][i]!r} "
             "combines 'No Finding' with findings"
         )
     parts = cell.str.split("|").list.eval(pl.element().str.strip_chars())
@@ -176,17 +177,17 @@ def read_bboxes(path: Path, images: pl.Series) -> pl.DataFrame:
         bad = df.with_row_index("_i").filter(pl.col(name).is_null() | ~pl.col(name).is_finite())
         if bad.height:
             i = bad["_i"][0]
-            raise ValueError(f"{path}: line {i + 2}: column {col!r} holds {raw[col][i]!r}; expected a number")
+            raise ValueError(f"{path}: {row_where(i)}: column {col!r} holds {raw[col][i]!r}; expected a number")
     bad = df.with_row_index("_i").filter(~pl.col("label").is_in(list(NIH_LABEL_NAMES)))
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: unknown Finding Label {bad['label'][0]!r}; expected one of "
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: unknown Finding Label {bad['label'][0]!r}; expected one of "
                          f"{list(NIH_LABEL_NAMES)} (or 'Infiltrate')")  # fmt: skip
     bad = df.with_row_index("_i").filter((pl.col("width") <= 0) | (pl.col("height") <= 0))
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: box width and height must be > 0, got {bad.row(0)[4:]}")
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: box width and height must be > 0, got {bad.row(0)[4:]}")
     bad = df.with_row_index("_i").filter(~pl.col("Image Index").is_in(images.to_list()))
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: image {bad['Image Index'][0]!r} is not in the Data_Entry CSV")
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: image {bad['Image Index'][0]!r} is not in the Data_Entry CSV")
     return df.group_by("Image Index", maintain_order=True).agg(
         pl.struct("label", "x", "y", "width", "height").alias("boxes")
     )
@@ -216,16 +217,16 @@ def read_nih(
     check_unique(df, ["Image Index"], csv)
     bad = df.with_row_index("_i").filter(~pl.col("Image Index").str.ends_with(".png"))
     if bad.height:
-        raise ValueError(f"{csv}: line {bad['_i'][0] + 2}: Image Index {bad['Image Index'][0]!r} is not a .png name")
+        raise ValueError(f"{csv}: {row_where(bad['_i'][0])}: Image Index {bad['Image Index'][0]!r} is not a .png name")
     labels = _label_codes(df, csv)
     for col in ("Patient ID", "View Position"):
         bad = df.with_row_index("_i").filter(pl.col(col).fill_null("").str.strip_chars() == "")
         if bad.height:
-            raise ValueError(f"{csv}: line {bad['_i'][0] + 2} (Image Index {bad['Image Index'][0]!r}): empty {col!r}")
+            raise ValueError(f"{csv}: {row_where(bad['_i'][0])} (Image Index {bad['Image Index'][0]!r}): empty {col!r}")
     age = pl.col("Patient Age").fill_null("").str.strip_chars()
     bad = df.with_row_index("_i").filter((age != "") & ~age.str.contains(_AGE.pattern))
     if bad.height:
-        raise ValueError(f"{csv}: line {bad['_i'][0] + 2}: Patient Age {bad['Patient Age'][0]!r} is not a number of years")
+        raise ValueError(f"{csv}: {row_where(bad['_i'][0])}: Patient Age {bad['Patient Age'][0]!r} is not a number of years")
 
     # the official split
     tv_path, test_path = root / TRAIN_VAL_LIST, root / TEST_LIST

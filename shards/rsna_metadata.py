@@ -29,6 +29,7 @@ from cxrfast.shards.metadata_common import (
     parse_views,
     read_csv,
     require_csv,
+    row_where,
 )
 from cxrfast.shards.schema import RSNA_LABEL_NAMES
 
@@ -87,25 +88,25 @@ def _read_labels(path: Path) -> pl.DataFrame:
     s = {c: pl.col(c).fill_null("").str.strip_chars() for c in LABEL_COLUMNS}
     bad = df.filter(s["patientId"] == "")
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: empty patientId")
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: empty patientId")
     bad = df.filter(~s["Target"].is_in(["0", "1"]))
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: Target {(bad['Target'][0] or '')!r}; expected 0 or 1")
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: Target {(bad['Target'][0] or '')!r}; expected 0 or 1")
     pos = s["Target"] == "1"
     for c in _BOX:
         v = s[c].cast(pl.Float64, strict=False)
         bad = df.filter(pos & (v.is_null() | ~v.is_finite()))
         if bad.height:
-            raise ValueError(f"{path}: line {bad['_i'][0] + 2}: column {c!r} holds {(bad[c][0] or '')!r} with Target 1; "
+            raise ValueError(f"{path}: {row_where(bad['_i'][0])}: column {c!r} holds {(bad[c][0] or '')!r} with Target 1; "
                              "expected a number (a box row)")  # fmt: skip
         bad = df.filter(~pos & (s[c] != ""))
         if bad.height:
-            raise ValueError(f"{path}: line {bad['_i'][0] + 2}: column {c!r} holds {(bad[c][0] or '')!r} with Target 0; "
+            raise ValueError(f"{path}: {row_where(bad['_i'][0])}: column {c!r} holds {(bad[c][0] or '')!r} with Target 0; "
                              "expected an empty box")  # fmt: skip
     for c in ("width", "height"):
         bad = df.filter(pos & (s[c].cast(pl.Float64, strict=False) <= 0))
         if bad.height:
-            raise ValueError(f"{path}: line {bad['_i'][0] + 2}: box {c} {bad[c][0]!r} must be > 0")
+            raise ValueError(f"{path}: {row_where(bad['_i'][0])}: box {c} {bad[c][0]!r} must be > 0")
     return df.select(
         "_i",
         s["patientId"].alias("patientId"),
@@ -141,7 +142,7 @@ def _check_classes(path: Path, patients: pl.DataFrame, labels_path: Path) -> dic
     df = df.with_columns(pl.col("patientId").fill_null("").str.strip_chars(), pl.col("class").fill_null("").str.strip_chars())
     bad = df.filter(~pl.col("class").is_in(CLASSES))
     if bad.height:
-        raise ValueError(f"{path}: line {bad['_i'][0] + 2}: class {bad['class'][0]!r}; expected one of {list(CLASSES)}")
+        raise ValueError(f"{path}: {row_where(bad['_i'][0])}: class {bad['class'][0]!r}; expected one of {list(CLASSES)}")
     per = df.group_by("patientId", maintain_order=True).agg(pl.col("class").unique(maintain_order=True))
     bad = per.filter(pl.col("class").list.len() > 1)
     if bad.height:
