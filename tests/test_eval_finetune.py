@@ -190,6 +190,8 @@ def test_method_config_errors(eval_shards: Path, tiny_encoder: Path) -> None:
         FinetuneMethodConfig(labels=CHEXPERT5)
     with pytest.raises(ValueError, match="pooling=cls needs a ViT class token"):
         build_method(FinetuneMethodConfig(arch="resnet18", labels=CHEXPERT5, pooling="cls"), open_shards(eval_shards))
+    with pytest.raises(ValueError, match="method.mean and method.std go together"):
+        FinetuneMethodConfig(arch="resnet18", labels=CHEXPERT5, mean=0.5)  # not silently dropped
     with pytest.raises(ValueError, match=r"labels \['Nodule'\] are not among"):
         _method(eval_shards, tiny_encoder).build(FinetuneMethodConfig(encoder=str(tiny_encoder), labels=("Nodule",)),
                                                  open_shards(eval_shards))  # fmt: skip

@@ -95,6 +95,9 @@ class FinetuneMethodConfig(MethodConfig):
                 raise ValueError(f"method augmentation {name!r} is not one of {sorted(AUGMENTATIONS)}")
         if self.image_size < 1 or (self.std is not None and self.std <= 0):
             raise ValueError("method.image_size must be >= 1 and method.std > 0")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"method.mean and method.std go together (got mean {self.mean}, std {self.std}); "
+                             "give both, or neither for the encoder file's or the shards' normalisation")
 
 
 def policy_table(labels: tuple[str, ...], policy: str, not_mentioned: str) -> torch.Tensor:
@@ -208,26 +211,26 @@ class Finetune(Method):
         shard_set = open_shard_set(shards)
         if len(shard_set) != 1:
             raise ValueError(f"fine-tuning reads one labelled shard folder (its draw's subset), got {shard_set.where}")
-        shards = shard_set.folders[0]
+        folder = shard_set.folders[0]
         if not cfg.labels:
             raise ValueError("method.labels is empty: name the labels to predict (e.g. a task's labels)")
-        have = shards.label_names
+        have = folder.label_names
         missing = [n for n in cfg.labels if n not in have]
         if missing:
-            raise ValueError(f"{shards.manifest_path}: labels {missing} are not among these shards' {list(have)}")
-        check_policy_defined(shards, tuple(cfg.labels), cfg.policy, cfg.not_mentioned)
+            raise ValueError(f"{folder.manifest_path}: labels {missing} are not among these shards' {list(have)}")
+        check_policy_defined(folder, tuple(cfg.labels), cfg.policy, cfg.not_mentioned)
         model, arch, kwargs, meta = build_encoder(cfg)
         model.reset_classifier(len(cfg.labels))
         head = model.get_classifier()
         if cfg.head_init_std is not None:
             nn.init.trunc_normal_(head.weight, std=cfg.head_init_std)
             nn.init.zeros_(head.bias)
-        if cfg.mean is not None and cfg.std is not None:
+        if cfg.mean is not None:
             mean, std = cfg.mean, cfg.std
         elif meta.get("mean") not in (None, "") and meta.get("std") not in (None, ""):
             mean, std = float(meta["mean"]), float(meta["std"])
         else:
-            mean, std = shards.pixel_stats
+            mean, std = folder.pixel_stats
         return cls(cfg, model=model.train(), arch=arch, kwargs=kwargs, label_index=[have.index(n) for n in cfg.labels],
                    mean=mean, std=std)  # fmt: skip
 
